@@ -1,0 +1,72 @@
+"""
+The cross-attention ("explained") variant.
+
+Text embeddings are the queries, the adapted image patch embeddings the keys and
+values of one multi-head attention layer; fused = LayerNorm(text + attention)
+goes into Qwen as inputs_embeds, and the loss covers every text position.
+
+Each text query attends only to image tokens, so the fusion of token t never
+depends on the other text tokens: decoding fuses one new token at a time and
+still uses Qwen's KV cache.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from captioner import Captioner
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from text to image tokens.
+
+    Written out rather than nn.MultiheadAttention so that the image keys and
+    values are projected once per image and reused at every decoding step (the
+    module re-projects them on every call), and so the weights can be read."""
+
+    def __init__(self, hidden_size, n_heads):
+        super().__init__()
+        assert hidden_size % n_heads == 0, f"hidden size {hidden_size} does not split into {n_heads} heads"
+        self.n_heads = n_heads
+        self.q = nn.Linear(hidden_size, hidden_size)
+        self.k = nn.Linear(hidden_size, hidden_size)
+        self.v = nn.Linear(hidden_size, hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+
+    def heads(self, x):  # [B, L, H] -> [B, heads, L, H / heads]
+        return x.view(x.shape[0], x.shape[1], self.n_heads, -1).transpose(1, 2)
+
+    def project_image(self, image):
+        return self.heads(self.k(image)), self.heads(self.v(image))
+
+    def forward(self, text, keys, values, return_weights=False):
+        q = self.heads(self.q(text))
+        if return_weights:
+            weights = (q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+            y = weights @ values
+        else:
+            weights, y = None, F.scaled_dot_product_attention(q, keys, values)
+        y = self.out(y.transpose(1, 2).flatten(2))
+        return (y, weights) if return_weights else y
+
+
+class ExplainedCaptioner(Captioner):
+    variant = "explained"
+
+    def __init__(self, vision, lm, train_layers=2, n_heads=8):
+        super().__init__(vision, lm, train_layers)
+        H = lm.config.hidden_size
+        self.cross_attention = CrossAttention(H, n_heads)
+        self.fusion_norm = nn.LayerNorm(H)
+        self.init_layer_norm(self.fusion_norm)
+
+    def encode_images(self, pixel_values=None, features=None):
+        return self.cross_attention.project_image(self.image_tokens(pixel_values, features))
+
+    def prefix_len(self, state):
+        return 0
+
+    def embed(self, state, ids, start):
+        text = self.text_embeddings(ids)
+        return self.fusion_norm(text + self.cross_attention(text, *state))

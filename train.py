@@ -1,0 +1,243 @@
+"""
+The training loop both numbered scripts use.
+
+    python 08_train_explained.py [--preset demo] [--out RUN_DIR] [--epochs N] ...
+
+Epoch-based AdamW with linear warmup and cosine decay, gradient clipping at 1.0,
+bf16 autocast on CUDA (fp16 with a GradScaler on request), fp32 on CPU. The
+frozen vision tower's features are computed once per image and cached on disk.
+A run directory gets config.json, model.safetensors (trainable weights only),
+metrics.jsonl and, after training, the test-split evaluation.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+import backbones
+import data
+from captioner import build_model, save_checkpoint
+from evaluate import evaluate_run
+
+CACHE = Path(os.environ.get("DUOCAP_CACHE", Path(__file__).resolve().parent / ".cache"))
+
+PRESETS = {
+    # offline, CPU, minutes: the shapes dataset and the pretrained tiny stand-ins
+    "demo": dict(data="shapes", data_dir=None, vision="demo", language="demo",
+                 epochs=3, batch_size=64, lr=1e-3, warmup=0.05, weight_decay=0.01, max_caption_tokens=32),
+    # a GPU, bf16: the real backbones on Flickr8k's official splits
+    "flickr8k": dict(data="flickr8k", data_dir="data/flickr8k", vision="openai/clip-vit-base-patch32",
+                     language="Qwen/Qwen3-0.6B-Base", epochs=5, batch_size=64, lr=1e-4, warmup=0.03,
+                     weight_decay=0.01, max_caption_tokens=40),
+}
+
+
+def parse_args(variant, argv=None):
+    p = argparse.ArgumentParser(description=f"Train the {variant} captioner.")
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    p.add_argument("--out", help=f"run directory (default runs/{variant}-<preset>)")
+    p.add_argument("--data", choices=["shapes", "folder", "flickr8k"], help="data source (overrides the preset)")
+    p.add_argument("--data-dir", help="where the data source lives (overrides the preset)")
+    p.add_argument("--vision", help="CLIP vision tower: hub id or local directory (overrides the preset)")
+    p.add_argument("--language", help="Qwen causal LM + tokenizer: hub id or local directory (overrides the preset)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--train-layers", type=int, default=2, help="last Qwen decoder layers to train")
+    p.add_argument("--heads", type=int, default=8, help="cross-attention heads (explained variant)")
+    p.add_argument("--max-caption-tokens", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--workers", type=int, help="DataLoader workers (default 0 on CPU, 4 on CUDA)")
+    p.add_argument("--no-feature-cache", action="store_true", help="run the vision tower on every batch")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--no-eval", action="store_true", help="skip the test evaluation after training")
+    return p.parse_args(argv)
+
+
+def run_config(variant, args):
+    """The preset, overridden by the command line, with the demo's stand-ins built if needed."""
+    cfg = dict(PRESETS[args.preset])
+    for key in ("vision", "language", "data", "data_dir", "epochs", "batch_size", "lr", "max_caption_tokens"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if args.data and not args.data_dir and args.data != PRESETS[args.preset]["data"]:
+        cfg["data_dir"] = None if args.data == "shapes" else f"data/{args.data}"
+    if cfg["data"] == "shapes" and cfg["data_dir"] is None:
+        cfg["data_dir"] = str(backbones.demo_shapes(CACHE))
+    if cfg["data_dir"] is None:
+        raise SystemExit(f"--data {cfg['data']} needs --data-dir")
+    if "demo" in (cfg["vision"], cfg["language"]):
+        vision_dir, language_dir = backbones.demo_backbones(CACHE, backbones.demo_shapes(CACHE))
+        cfg["vision"] = str(vision_dir) if cfg["vision"] == "demo" else cfg["vision"]
+        cfg["language"] = str(language_dir) if cfg["language"] == "demo" else cfg["language"]
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
+    cfg.update(variant=variant, preset=args.preset, seed=args.seed, device=device, precision=precision,
+               train_layers=args.train_layers, cross_attention_heads=args.heads, max_steps=args.max_steps,
+               data_dir=str(Path(cfg["data_dir"]).resolve()))
+    return cfg
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# frozen features, once per image
+
+def cached_features(model, processor, config, records, device):
+    """[N, P, D] fp16 vision features for records, from the disk cache when the same
+    backbone, preprocessing and image files were seen before."""
+    h = hashlib.sha256()
+    h.update(config["vision"].encode())
+    h.update(model.vision.config.to_json_string().encode())
+    h.update(processor.to_json_string().encode())
+    for r in records:
+        st = os.stat(r.image)
+        h.update(f"{r.image}|{st.st_size}|{st.st_mtime_ns}".encode())
+    path = CACHE / "features" / f"{h.hexdigest()[:20]}.safetensors"
+    if path.is_file():
+        return load_file(str(path))["features"]
+    encode = lambda pixels: model.image_features(pixels.to(device))
+    features = data.compute_features(encode, processor, [r.image for r in records])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"features": features}, str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)
+    return features
+
+
+def make_loader(records, features, processor, tokenizer, config, shuffle, workers, generator=None):
+    def collate(items):
+        idx, images, captions = zip(*items)
+        input_ids, targets, mask = data.encode_captions(tokenizer, captions, config["max_caption_tokens"])
+        batch = {"input_ids": input_ids, "targets": targets, "attention_mask": mask}
+        if features is not None:
+            batch["features"] = features[list(idx)]
+        else:
+            batch["pixel_values"] = processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return batch
+
+    rows = data.CaptionRows(records, load_pixels=features is None)
+    return torch.utils.data.DataLoader(rows, batch_size=config["batch_size"], shuffle=shuffle, collate_fn=collate,
+                                       num_workers=workers, pin_memory=config["device"].startswith("cuda"),
+                                       generator=generator, drop_last=shuffle)
+
+
+def autocast(config):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["precision"])
+    device_type = "cuda" if config["device"].startswith("cuda") else "cpu"
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+@torch.no_grad()
+def validation_loss(model, loader, config):
+    model.eval()
+    total = n = 0
+    for batch in loader:
+        batch = {k: v.to(config["device"], non_blocking=True) for k, v in batch.items()}
+        with autocast(config):
+            total += model(**batch).item() * len(batch["input_ids"])
+        n += len(batch["input_ids"])
+    model.train()
+    return total / max(n, 1)
+
+
+def main(variant, argv=None):
+    args = parse_args(variant, argv)
+    config = run_config(variant, args)
+    run_dir = Path(args.out or f"runs/{variant}-{args.preset}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(config["seed"])
+    device = config["device"]
+
+    splits = data.load_splits(config["data"], config["data_dir"], config["seed"])
+    print("data: " + ", ".join(f"{k} {len(v)} images" for k, v in splits.items()))
+    model, processor, tokenizer = build_model(config)
+    model.to(device)
+    trainable, total = model.parameter_counts()
+    print(f"{variant}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.1f}%)")
+
+    use_cache = not args.no_feature_cache
+    features = {s: cached_features(model, processor, config, splits[s], device) if use_cache else None
+                for s in ("train", "val")}
+    workers = args.workers if args.workers is not None else (4 if device.startswith("cuda") else 0)
+    gen = torch.Generator().manual_seed(config["seed"])
+    train_loader = make_loader(splits["train"], features["train"], processor, tokenizer, config, True, workers, gen)
+    val_loader = make_loader(splits["val"], features["val"], processor, tokenizer, config, False, workers)
+
+    steps_per_epoch = len(train_loader)
+    total_steps = config["epochs"] * steps_per_epoch
+    if config["max_steps"]:
+        total_steps = min(total_steps, config["max_steps"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config["warmup"] * total_steps), total_steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=config["precision"] == "fp16")
+    save_checkpoint(model, config, run_dir)  # config.json first: a run dir always says what it is
+    log = open(run_dir / "metrics.jsonl", "w")
+
+    model.train()
+    step, t_start = 0, time.time()
+    for epoch in range(config["epochs"]):
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config['epochs']}", unit="step",
+                   total=min(steps_per_epoch, total_steps - step))
+        t_last, seen = time.time(), 0
+        for batch in bar:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with autocast(config):
+                loss = model(**batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            seen += len(batch["input_ids"])
+            if step % args.log_every == 0 or step == total_steps:
+                rate = seen / (time.time() - t_last)
+                bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.0f}")
+                log.write(json.dumps({"step": step, "epoch": epoch + 1, "train_loss": loss.item(),
+                                      "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
+                                      "samples_per_s": rate, "time_s": time.time() - t_start}) + "\n")
+                log.flush()
+                t_last, seen = time.time(), 0
+            if step >= total_steps:
+                break
+        val = validation_loss(model, val_loader, config)
+        print(f"epoch {epoch + 1}: train loss {loss.item():.3f}, val loss {val:.3f}")
+        log.write(json.dumps({"step": step, "epoch": epoch + 1, "val_loss": val, "time_s": time.time() - t_start}) + "\n")
+        log.flush()
+        save_checkpoint(model, config, run_dir)
+        if step >= total_steps:
+            break
+    train_time = time.time() - t_start
+    log.close()
+    print(f"trained {step} steps in {train_time:.0f}s ({train_time / max(step, 1):.3f} s/step)")
+
+    if args.no_eval or "test" not in splits:
+        print(f"run directory: {run_dir}")
+        return run_dir
+    figures = evaluate_run(model, processor, tokenizer, splits, run_dir, "test", device)
+    headline = ", ".join(f"{k} {v:.3f}" for k, v in figures.items() if isinstance(v, float))
+    if "compositional" in figures:
+        headline += f"; compositional attribute_accuracy {figures['compositional']['attribute_accuracy']:.3f}"
+    print(f"run directory: {run_dir} | test: {headline}")
+    return run_dir
