@@ -68,7 +68,7 @@ DEMO = {
     "language": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
                  "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 384},
     "language_pretrain": {"epochs": 2, "batch_size": 128, "lr": 3e-3},
-    "vocab_size": 320,
+    "vocab_size": 512,  # room for every caption word to be one token
 }
 
 

@@ -5,12 +5,18 @@ how they are split (always by image), and how they become batches.
 Every source yields Records: one image path with all of its reference captions
 (and, for the generated shapes, the objects drawn in it). Sources:
   shapes    procedurally generated coloured shapes (the offline demo)
-  folder    a folder of images + captions.jsonl ({"image", "caption"} per line)
+  folder    a folder of images + captions.jsonl ({"image", "caption"} per line) or captions.csv
   flickr8k  the official Flickr8k layout and splits
+  karpathy  Karpathy's split JSON (Flickr8k, Flickr30k, COCO) and an image folder
+  coco      COCO 2017 caption annotations and image folders
+  hf:NAME   a Hugging Face dataset saved with save_to_disk (or a hub id, with --download)
 """
+import csv
 import json
+import os
 import random
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +24,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 from tqdm import tqdm
+
+
+# where generated data, demo backbones, feature caches and materialised datasets live
+CACHE = Path(os.environ.get("DUOCAP_CACHE", Path(__file__).resolve().parent / ".cache"))
 
 
 @dataclass
@@ -197,90 +207,246 @@ def scene_truth(meta):
 
 # -----------------------------------------------------------------------------
 # loading a dataset from disk
+#
+# Loaders never stop at the first bad line or file: they collect one line per
+# problem ("file[:line]: what is wrong") so that a dataset can be fixed in one go,
+# and load_splits either stops with the whole list or leaves those records out.
+
+def _to_rgb(im):
+    """RGB from any mode: alpha composited on white, 16/32-bit grey scaled down, CMYK converted."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode in ("P", "LA", "PA", "La"):
+        im = im.convert("RGBA")
+    if im.mode == "RGBA":
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, im).convert("RGB")
+    return im.convert("RGB")
+
 
 def read_image(path):
-    """RGB image with its EXIF orientation applied; a clear error if unreadable."""
+    """RGB image with its EXIF orientation applied; a DataError naming the file if unreadable."""
     try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return im.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return _to_rgb(ImageOps.exif_transpose(im))
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot read image ({e})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{path}: refused as a possible decompression bomb ({e})") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: cannot decode image ({e})") from None
 
 
-def read_jsonl(path):
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or "image" not in row or "caption" not in row:
-                raise DataError(f'{path}:{n}: expected {{"image": ..., "caption": ...}}')
-            rows.append(row)
-    return rows
+def check_image(path):
+    """What is wrong with an image file, or None. Cheap: header and size only; a
+    truncated body is found when the feature cache decodes every image."""
+    path = Path(path)
+    if not path.is_file():
+        return "image file not found"
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return f"refused as a possible decompression bomb ({e})"
+    except (OSError, ValueError, SyntaxError) as e:
+        return f"not a readable image ({e})"
+    if w * h <= 1:
+        return f"{w}x{h} pixels: too small to caption"
+    return None
 
 
-def group_captions(root, pairs, where):
-    """[(image name, caption)] -> one Record per image, in first-seen order."""
-    by_image = {}
-    for name, caption in pairs:
-        by_image.setdefault(name, []).append(caption.strip())
+def text_lines(path, problems):
+    """[(line number, text)] of a UTF-8 file; undecodable lines are reported, never guessed at."""
+    out = []
+    for n, raw in enumerate(Path(path).read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(f"{path}:{n}: undecodable bytes ({e.reason} at byte {e.start}); the file must be UTF-8")
+            continue
+        if line.strip():
+            out.append((n, line))
+    return out
+
+
+def group_captions(root, rows, problems):
+    """[(image name, caption, where)] -> one Record per good image, in first-seen order."""
+    by_image, first_seen = {}, {}
+    for name, caption, where in rows:
+        caption = caption.strip() if isinstance(caption, str) else ""
+        if not caption:
+            problems.append(f"{where}: empty caption for {name}")
+            continue
+        by_image.setdefault(name, []).append(caption)
+        first_seen.setdefault(name, where)
     records = []
     for name, caps in by_image.items():
-        path = root / name
-        if not path.is_file():
-            raise DataError(f"{where}: names image {name}, which is not at {path}")
-        records.append(Record(path, caps))
+        path = Path(root) / name
+        problem = check_image(path)
+        if problem:
+            problems.append(f"{path}: {problem} (named at {first_seen[name]})")
+        else:
+            records.append(Record(path, caps))
     return records
 
 
-def load_folder(root):
+def read_jsonl_captions(path, problems):
+    rows = []
+    for n, line in text_lines(path, problems):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"{path}:{n}: not valid JSON ({e.msg})")
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or "caption" not in row:
+            problems.append(f'{path}:{n}: expected {{"image": "...", "caption": "..."}}')
+            continue
+        rows.append((row["image"], row["caption"], f"{path}:{n}"))
+    return rows
+
+
+def read_csv_captions(path, problems):
+    lines = text_lines(path, problems)
+    reader = csv.DictReader(line for _, line in lines)
+    if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
+        problems.append(f"{path}:1: expected a header with the columns image,caption")
+        return []
+    return [(row["image"], row["caption"], f"{path}:{lines[k + 1][0]}") for k, row in enumerate(reader)]
+
+
+def load_folder(root, problems):
+    """Images + captions.jsonl (or captions.csv); splits.json, when present, names the splits."""
     root = Path(root)
-    captions_file = root / "captions.jsonl"
-    if not captions_file.is_file():
-        raise DataError(f"{root}: no captions.jsonl here. A folder dataset is images plus "
-                        'captions.jsonl with one {"image": "relative/path.jpg", "caption": "..."} per line')
-    rows = read_jsonl(captions_file)
-    records = group_captions(root, [(r["image"], r["caption"]) for r in rows], captions_file)
+    jsonl, csv_file = root / "captions.jsonl", root / "captions.csv"
+    if jsonl.is_file():
+        rows = read_jsonl_captions(jsonl, problems)
+    elif csv_file.is_file():
+        rows = read_csv_captions(csv_file, problems)
+    else:
+        raise DataError(f"{root}: no captions.jsonl or captions.csv here. A folder dataset is images plus "
+                        'captions.jsonl with one {"image": "relative/path.jpg", "caption": "..."} per line, '
+                        "or captions.csv with the columns image,caption")
+    records = group_captions(root, rows, problems)
     meta_file = root / "metadata.jsonl"
     if meta_file.is_file():
         meta = {m["image"]: m for m in map(json.loads, meta_file.read_text().splitlines())}
         for r in records:
             r.meta = meta.get(str(r.image.relative_to(root)), {})
-    return records
+    splits_file = root / "splits.json"
+    if not splits_file.is_file():
+        return {"all": records}
+    by_name = {str(r.image.relative_to(root)): r for r in records}
+    named = json.loads(splits_file.read_text())
+    return {split: [by_name[n] for n in names if n in by_name] for split, names in named.items()}
 
 
-def load_flickr8k(root):
+def require(paths, what, hint):
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        raise DataError(f"{what} is not complete; missing: {', '.join(missing)}. {hint}")
+
+
+def load_flickr8k(root, problems):
     root = Path(root)
     token_file, image_dir = root / "Flickr8k.token.txt", root / "Flicker8k_Dataset"
     split_files = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
                    "test": "Flickr_8k.testImages.txt"}
-    needed = [token_file, image_dir] + [root / f for f in split_files.values()]
-    missing = [str(p) for p in needed if not p.exists()]
-    if missing:
-        raise DataError(f"Flickr8k is not complete under {root}; missing: {', '.join(missing)}. "
-                        "Put the images in Flicker8k_Dataset/ (the official, misspelled name) and the "
-                        "text files beside it, or pass --data-dir")
-    pairs = []
-    for n, line in enumerate(token_file.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    require([token_file, image_dir] + [root / f for f in split_files.values()], f"Flickr8k under {root}",
+            "Put the images in Flicker8k_Dataset/ (the official, misspelled name) and Flickr8k.token.txt and "
+            "the Flickr_8k.*Images.txt split files beside it, or pass --data-dir")
+    rows = []
+    for n, line in text_lines(token_file, problems):
         key, sep, caption = line.partition("\t")
         if not sep or "#" not in key:
-            raise DataError(f"{token_file}:{n}: expected '<image>.jpg#<n><TAB><caption>'")
-        pairs.append((key.split("#")[0], caption))
-    records = group_captions(image_dir, pairs, token_file)
-    by_name = {r.image.name: r for r in records}
+            problems.append(f"{token_file}:{n}: expected '<image>.jpg#<n><TAB><caption>'")
+            continue
+        rows.append((key.split("#")[0], caption, f"{token_file}:{n}"))
+    by_name = {r.image.name: r for r in group_captions(image_dir, rows, problems)}
     splits = {}
     for split, fname in split_files.items():
-        names = [n.strip() for n in (root / fname).read_text().splitlines() if n.strip()]
+        names = [line.strip() for _, line in text_lines(root / fname, problems)]
         splits[split] = [by_name[n] for n in names if n in by_name]
+    return splits
+
+
+def load_karpathy(root, problems, image_root=None, restval="train"):
+    """Karpathy's split JSON (dataset_flickr8k.json, dataset_flickr30k.json, dataset_coco.json);
+    images under image_root (default DIR/images if it exists, else DIR) / filepath / filename."""
+    root = Path(root)
+    found = sorted(root.glob("dataset_*.json"))
+    if len(found) != 1:
+        raise DataError(f"{root}: expected one Karpathy split file dataset_<name>.json here, found "
+                        f"{[f.name for f in found] or 'none'}")
+    image_root = Path(image_root) if image_root else (root / "images" if (root / "images").is_dir() else root)
+    rows, split_of = [], {}
+    for k, e in enumerate(json.loads(found[0].read_text(encoding="utf-8"))["images"]):
+        name = str(Path(e.get("filepath", "")) / e["filename"])
+        split_of[name] = restval if e["split"] == "restval" else e["split"]
+        rows += [(name, s["raw"], f"{found[0]} images[{k}]") for s in e["sentences"]]
+    splits = {"train": [], "val": [], "test": []}
+    for r in group_captions(image_root, rows, problems):
+        split = split_of[str(r.image.relative_to(image_root))]
+        if split in splits:  # restval "drop" leaves those images out
+            splits[split].append(r)
+    return splits
+
+
+def load_coco(root, problems, seed=0):
+    """COCO 2017 captions: train2017 (a seeded 5% of its images held out for validation)
+    and val2017 as the test split, since the 2017 test images have no public captions."""
+    root = Path(root)
+    ann = {s: root / "annotations" / f"captions_{s}2017.json" for s in ("train", "val")}
+    require(list(ann.values()) + [root / "train2017", root / "val2017"], f"COCO under {root}",
+            "Expected annotations/captions_{train,val}2017.json and the image folders train2017/ and val2017/")
+    out = {}
+    for split, path in ann.items():
+        d = json.loads(path.read_text(encoding="utf-8"))
+        names = {im["id"]: im["file_name"] for im in d["images"]}
+        rows = [(names.get(a["image_id"], f"<unknown image id {a['image_id']}>"), a["caption"],
+                 f"{path} annotation {a.get('id', k)}") for k, a in enumerate(d["annotations"])]
+        out[split] = group_captions(root / f"{split}2017", rows, problems)
+    held = split_by_image(out["train"], seed, val_fraction=0.05, test_fraction=0.0)
+    return {"train": held["train"], "val": held["val"], "test": out["val"]}
+
+
+def load_hf(name, problems, cache_dir, image_column="image", caption_columns=("caption",), download=False):
+    """A Hugging Face dataset (a save_to_disk folder, or a hub id with --download). Its images
+    are written once to cache_dir as files, so the rest of the pipeline sees paths."""
+    import datasets
+    if Path(name).exists():
+        ds = datasets.load_from_disk(name)
+    elif download:
+        ds = datasets.load_dataset(name)
+    else:
+        raise DataError(f"hf:{name}: no such folder, and hub datasets are only fetched with --download")
+    ds = ds if isinstance(ds, datasets.DatasetDict) else {"all": ds}
+    rename = {"validation": "val", "valid": "val", "dev": "val"}
+    splits = {}
+    for split, part in ds.items():
+        missing = [c for c in (image_column, *caption_columns) if c not in part.column_names]
+        if missing:
+            raise DataError(f"hf:{name} split {split}: no column {missing[0]!r} (it has {part.column_names}); "
+                            "pass --image-column / --caption-column")
+        folder = Path(cache_dir) / f"hf-{part._fingerprint}"
+        if not (folder / "done").is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            for i, image in enumerate(tqdm(part[image_column], desc=f"hf:{name} {split}: writing images", leave=False)):
+                (image if isinstance(image, Image.Image) else Image.open(image)).save(folder / f"{i:07d}.png")
+            (folder / "done").write_text("")
+        rows = []
+        for i, row in enumerate(part.select_columns(list(caption_columns))):
+            for col in caption_columns:
+                values = row[col] if isinstance(row[col], list) else [row[col]]
+                rows += [(f"{i:07d}.png", v, f"hf:{name} {split}[{i}].{col}") for v in values]
+        splits[rename.get(split, split)] = group_captions(folder, rows, problems)
     return splits
 
 
@@ -289,31 +455,61 @@ def split_by_image(records, seed=0, val_fraction=0.05, test_fraction=0.05):
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     n_val = max(1, int(len(records) * val_fraction))
-    n_test = max(1, int(len(records) * test_fraction))
+    n_test = max(1, int(len(records) * test_fraction)) if test_fraction else 0
     pick = lambda idx: [records[i] for i in idx]
     return {"train": pick(order[n_val + n_test:]), "val": pick(order[:n_val]),
             "test": pick(order[n_val:n_val + n_test])}
 
 
-def load_splits(source, data_dir, seed=0):
-    """{split name: [Record]} for a source; a folder's splits.json wins over a random split."""
-    data_dir = Path(data_dir)
-    if source == "flickr8k":
-        return load_flickr8k(data_dir)
-    if source not in ("folder", "shapes"):
-        raise DataError(f"unknown data source {source!r} (expected shapes, folder or flickr8k)")
-    records = load_folder(data_dir)
-    splits_file = data_dir / "splits.json"
-    if not splits_file.is_file():
-        return split_by_image(records, seed)
-    by_name = {str(r.image.relative_to(data_dir)): r for r in records}
-    splits = {}
-    for split, names in json.loads(splits_file.read_text()).items():
-        unknown = [n for n in names if n not in by_name]
-        if unknown:
-            raise DataError(f"{splits_file}: split {split!r} names {unknown[0]}, which has no caption")
-        splits[split] = [by_name[n] for n in names]
+SOURCES = ("shapes", "folder", "flickr8k", "karpathy", "coco", "hf:<name or path>")
+
+
+def load_splits(source, data_dir, seed=0, strict=True, cache_dir=CACHE, image_root=None, restval="train",
+                image_column="image", caption_columns=("caption",), download=False):
+    """{split: [Record]} for a source. Every problem found is one line naming the file
+    (and line) and what is wrong; strict stops with all of them, otherwise the bad
+    records are left out and counted. Nothing is silently replaced."""
+    problems = []
+    if source in ("folder", "shapes"):
+        splits = load_folder(data_dir, problems)
+    elif source == "flickr8k":
+        splits = load_flickr8k(data_dir, problems)
+    elif source == "karpathy":
+        splits = load_karpathy(data_dir, problems, image_root, restval)
+    elif source == "coco":
+        splits = load_coco(data_dir, problems, seed)
+    elif source.startswith("hf:"):
+        splits = load_hf(source[3:], problems, cache_dir, image_column, caption_columns, download)
+    else:
+        raise DataError(f"unknown data source {source!r} (one of {', '.join(SOURCES)})")
+    if problems:
+        listing = "\n".join(f"  {p}" for p in problems)
+        if strict:
+            raise DataError(f"{len(problems)} problem(s) in the {source} data at {data_dir}:\n{listing}\n"
+                            "Fix them, or pass --skip-bad to leave those records out.")
+        print(f"{len(problems)} problem(s) in the {source} data; --skip-bad leaves them out:\n{listing}")
+    if set(splits) == {"all"}:
+        splits = split_by_image(splits["all"], seed)
+    seen = {}
+    for split, records in splits.items():
+        for r in records:
+            if seen.setdefault(r.image, split) != split:
+                raise DataError(f"{r.image} is in both the {seen[r.image]} and the {split} split")
     return splits
+
+
+def splits_for(config, strict=None, cache_dir=CACHE):
+    """The splits a run's config names (its source, folder and data options)."""
+    opts = config.get("data_options", {})
+    return load_splits(config["data"], config["data_dir"], config["seed"],
+                       strict=opts.get("strict", True) if strict is None else strict, cache_dir=cache_dir,
+                       image_root=opts.get("image_root"), restval=opts.get("restval", "train"),
+                       image_column=opts.get("image_column", "image"),
+                       caption_columns=opts.get("caption_columns", ["caption"]), download=opts.get("download", False))
+
+
+def describe_splits(splits):
+    return ", ".join(f"{k} {len(v)} images ({sum(len(r.captions) for r in v)} captions)" for k, v in splits.items())
 
 
 # -----------------------------------------------------------------------------
@@ -362,11 +558,19 @@ class CaptionRows(torch.utils.data.Dataset):
 # the frozen vision tower's features, computed once per image
 
 def compute_features(encode, processor, paths, batch_size=64, desc="image features"):
-    """[N, P, D] fp16 patch features for image paths, in order, under no_grad."""
-    chunks = []
+    """(features [N_good, P, D] fp16, [(index, problem)] of images that failed to decode).
+
+    This is where every image is fully decoded once, so a truncated file is found here."""
+    chunks, bad = [], []
     for k in tqdm(range(0, len(paths), batch_size), desc=desc, leave=False, unit="batch"):
-        images = [read_image(p) for p in paths[k:k + batch_size]]
-        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-        with torch.no_grad():
-            chunks.append(encode(pixels).to(torch.float16).cpu())
-    return torch.cat(chunks)
+        images = []
+        for i, p in enumerate(paths[k:k + batch_size], k):
+            try:
+                images.append(read_image(p))
+            except DataError as e:
+                bad.append((i, str(e)))
+        if images:
+            pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+            with torch.no_grad():
+                chunks.append(encode(pixels).to(torch.float16).cpu())
+    return torch.cat(chunks), bad

@@ -8,9 +8,17 @@ image: attribute accuracy (the predicted set of (colour, shape) objects equals
 the truth), relation accuracy (pairs), exact match (any reference), and the same
 with every image's features swapped for another image's (the blind control:
 how much the captions depend on the image at all).
+
+Every split also gets the standard caption metrics of the COCO caption
+evaluation (pycocoevalcap): BLEU-1..4, METEOR, ROUGE_L and CIDEr against all
+reference captions of each image, after PTB tokenisation. SPICE is reported
+as null: it downloads Stanford CoreNLP models at run time.
 """
 import argparse
 import json
+import re
+import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -21,15 +29,55 @@ from captioner import decode, load_run
 
 
 def caption_images(model, processor, tokenizer, images, batch_size=64, device="cpu", desc="captioning",
-                   **decode_kwargs):
-    """Captions (strings) for a list of PIL images, batched and KV-cached by default."""
-    captions = []
+                   stats=None, **decode_kwargs):
+    """Captions (strings) for a list of PIL images, batched and KV-cached by default.
+    A `stats` dict gets the number of tokens generated (EOS included) and the seconds taken."""
+    captions, tokens, t0 = [], 0, time.time()
     for k in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, unit="batch"):
         pixels = processor(images=images[k:k + batch_size], return_tensors="pt")["pixel_values"].to(device)
         state = model.encode_images(pixel_values=pixels)
         ids = decode(model, state, tokenizer.eos_token_id, **decode_kwargs)
         captions += [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
+        tokens += sum(len(t) + 1 for t in ids)
+    if stats is not None:
+        stats.update(tokens=tokens, seconds=time.time() - t0)
     return captions
+
+
+SPICE_NOTE = "SPICE is not computed: it downloads Stanford CoreNLP models at run time"
+
+
+def plain_tokenize(captions_by_image):
+    """The fallback when Java (needed by the PTB tokenizer) is missing: lowercase, words only."""
+    return {k: [" ".join(re.findall(r"[a-z0-9]+", c["caption"].lower())) for c in v]
+            for k, v in captions_by_image.items()}
+
+
+def caption_metrics(predictions):
+    """BLEU-1..4, METEOR, ROUGE_L, CIDEr of predictions ({"caption", "references"} each),
+    computed by pycocoevalcap exactly as the COCO caption evaluation does. CIDEr's IDF
+    comes from the evaluated set: it is only comparable on a whole split."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    gts = {i: [{"caption": r} for r in p["references"]] for i, p in enumerate(predictions)}
+    res = {i: [{"caption": p["caption"]}] for i, p in enumerate(predictions)}
+    java = shutil.which("java") is not None
+    tokenize = PTBTokenizer().tokenize if java else plain_tokenize
+    gts, res = tokenize(gts), tokenize(res)
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores = {f"BLEU-{n + 1}": b for n, b in enumerate(bleu)}
+    scores["METEOR"] = Meteor().compute_score(gts, res)[0] if java else None
+    scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    scores["SPICE"] = None
+    scores["notes"] = [SPICE_NOTE] + ([] if java else [
+        "no java found: METEOR skipped, and BLEU/ROUGE_L/CIDEr use a plain lowercase word tokenizer "
+        "instead of the PTB tokenizer, so they are not comparable with published figures"])
+    return scores
 
 
 def shapes_figures(records, captions):
@@ -46,14 +94,18 @@ def shapes_figures(records, captions):
     return {"attribute_accuracy": attr / n, "relation_accuracy": rel / max(pairs, 1), "exact_match": exact / n}
 
 
-def evaluate_split(model, processor, tokenizer, records, device="cpu", batch_size=64, **decode_kwargs):
+def evaluate_split(model, processor, tokenizer, records, device="cpu", batch_size=64, metrics=True,
+                   **decode_kwargs):
     """(figures, predictions) for a split; shapes data also gets the blind control."""
     images = [data.read_image(r.image) for r in records]
-    captions = caption_images(model, processor, tokenizer, images, batch_size, device, **decode_kwargs)
+    stats = {}
+    captions = caption_images(model, processor, tokenizer, images, batch_size, device, stats=stats, **decode_kwargs)
     predictions = [{"image": str(r.image), "caption": c, "references": r.captions}
                    for r, c in zip(records, captions)]
-    figures = {"n_images": len(records),
+    figures = {"n_images": len(records), "generate_tokens_per_s": stats["tokens"] / stats["seconds"],
                "exact_match": sum(c in r.captions for r, c in zip(records, captions)) / len(records)}
+    if metrics:
+        figures.update(caption_metrics(predictions))
     if all(r.meta.get("objects") for r in records):
         figures.update(shapes_figures(records, captions))
         # each image captioned from the next image's pixels, scored against its own scene
@@ -85,7 +137,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory written by a training script")
     p.add_argument("--split", default="test")
-    p.add_argument("--strategy", default="greedy", choices=["greedy", "top-k", "top-p"])
+    p.add_argument("--strategy", default="greedy", choices=["greedy", "top-k", "top-p", "beam"])
+    p.add_argument("--beams", type=int, default=4)
+    p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
@@ -93,11 +147,12 @@ def main():
     args = p.parse_args()
     model, processor, tokenizer, config = load_run(args.checkpoint)
     model.to(args.device)
-    splits = data.load_splits(config["data"], config["data_dir"], config["seed"])
+    splits = data.splits_for(config, strict=False)
     if args.split not in splits:
         raise SystemExit(f"{config['data_dir']} has no split {args.split!r} (it has {', '.join(splits)})")
     figures = evaluate_run(model, processor, tokenizer, splits, args.checkpoint, args.split, args.device, args.out,
-                           strategy=args.strategy, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+                           strategy=args.strategy, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                           beams=args.beams, length_penalty=args.length_penalty)
     print(json.dumps(figures, indent=2))
 
 

@@ -42,7 +42,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory written by a training script")
     p.add_argument("paths", nargs="+", help="image files or folders")
-    p.add_argument("--strategy", default="top-k", choices=["greedy", "top-k", "top-p"])
+    p.add_argument("--strategy", default="top-k", choices=["greedy", "top-k", "top-p", "beam"])
+    p.add_argument("--beams", type=int, default=4)
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log-prob / length**this")
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -70,6 +72,7 @@ def main(argv=None):
         captions = caption_images(model, processor, tokenizer, images, args.batch_size, args.device,
                                   strategy=args.strategy, top_k=args.top_k, top_p=args.top_p,
                                   temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                  beams=args.beams, length_penalty=args.length_penalty,
                                   use_cache=not args.no_kv_cache, generator=generator)
         for f, c in zip(good, captions):
             print(f"{f}\t{c}")

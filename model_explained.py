@@ -70,3 +70,7 @@ class ExplainedCaptioner(Captioner):
     def embed(self, state, ids, start):
         text = self.text_embeddings(ids)
         return self.fusion_norm(text + self.cross_attention(text, *state))
+
+    def image_attention(self, state, ids):
+        """[B, T, P]: how much each text position attends to each image token (mean over heads)."""
+        return self.cross_attention(self.text_embeddings(ids), *state, return_weights=True)[1].mean(1)

@@ -40,3 +40,17 @@ class SelfAttentionCaptioner(Captioner):
                 f"{self.positions.num_embeddings - self.n_image_tokens} text); train with a larger "
                 f"--max-caption-tokens or generate fewer tokens")
         return self.input_norm(x + self.positions.weight[first:first + x.shape[1]])
+
+    def image_attention(self, state, ids):
+        """[B, T, P]: Qwen's last-layer attention from each text position to the image
+        positions, mean over heads, renormalised over the image (eager attention, as
+        the fused kernels do not return weights)."""
+        P = state.shape[1]
+        previous = self.lm.config._attn_implementation
+        self.lm.set_attn_implementation("eager")
+        try:
+            out = self.lm(inputs_embeds=self.embed(state, ids, 0), output_attentions=True, logits_to_keep=1)
+        finally:
+            self.lm.set_attn_implementation(previous)
+        weights = out.attentions[-1].mean(1)[:, P:, :P]
+        return weights / weights.sum(-1, keepdim=True)

@@ -29,7 +29,7 @@ import data
 from captioner import build_model, save_checkpoint
 from evaluate import evaluate_run
 
-CACHE = Path(os.environ.get("DUOCAP_CACHE", Path(__file__).resolve().parent / ".cache"))
+CACHE = data.CACHE
 
 PRESETS = {
     # offline, CPU, minutes: the shapes dataset and the pretrained tiny stand-ins
@@ -39,6 +39,13 @@ PRESETS = {
     "flickr8k": dict(data="flickr8k", data_dir="data/flickr8k", vision="openai/clip-vit-base-patch32",
                      language="Qwen/Qwen3-0.6B-Base", epochs=5, batch_size=64, lr=1e-4, warmup=0.03,
                      weight_decay=0.01, max_caption_tokens=40),
+    # Karpathy's splits: dataset_flickr30k.json / dataset_coco.json beside the images
+    "flickr30k": dict(data="karpathy", data_dir="data/flickr30k", vision="openai/clip-vit-base-patch32",
+                      language="Qwen/Qwen3-0.6B-Base", epochs=5, batch_size=64, lr=1e-4, warmup=0.03,
+                      weight_decay=0.01, max_caption_tokens=40),
+    "coco": dict(data="karpathy", data_dir="data/coco", vision="openai/clip-vit-base-patch32",
+                 language="Qwen/Qwen3-0.6B-Base", epochs=3, batch_size=64, lr=1e-4, warmup=0.03,
+                 weight_decay=0.01, max_caption_tokens=40),
 }
 
 
@@ -46,8 +53,17 @@ def parse_args(variant, argv=None):
     p = argparse.ArgumentParser(description=f"Train the {variant} captioner.")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     p.add_argument("--out", help=f"run directory (default runs/{variant}-<preset>)")
-    p.add_argument("--data", choices=["shapes", "folder", "flickr8k"], help="data source (overrides the preset)")
+    p.add_argument("--data", help=f"data source, one of {', '.join(data.SOURCES)} (overrides the preset)")
     p.add_argument("--data-dir", help="where the data source lives (overrides the preset)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out records with bad images or captions (default: --strict, stop and list them)")
+    p.add_argument("--strict", action="store_false", dest="skip_bad", help="stop on any bad record (the default)")
+    p.add_argument("--image-root", help="karpathy: the image folder (default DATA_DIR/images or DATA_DIR)")
+    p.add_argument("--restval", default="train", choices=["train", "val", "drop"],
+                   help="karpathy: where the restval images go")
+    p.add_argument("--image-column", default="image", help="hf: the image column")
+    p.add_argument("--caption-column", action="append", help="hf: a caption column (repeat for several)")
+    p.add_argument("--download", action="store_true", help="hf: allow fetching a hub dataset")
     p.add_argument("--vision", help="CLIP vision tower: hub id or local directory (overrides the preset)")
     p.add_argument("--language", help="Qwen causal LM + tokenizer: hub id or local directory (overrides the preset)")
     p.add_argument("--epochs", type=int)
@@ -65,6 +81,8 @@ def parse_args(variant, argv=None):
     p.add_argument("--no-feature-cache", action="store_true", help="run the vision tower on every batch")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--no-eval", action="store_true", help="skip the test evaluation after training")
+    p.add_argument("--wandb", action="store_true",
+                   help="also log to Weights & Biases when it is installed (WANDB_MODE=offline needs no network)")
     return p.parse_args(argv)
 
 
@@ -75,11 +93,9 @@ def run_config(variant, args):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.data and not args.data_dir and args.data != PRESETS[args.preset]["data"]:
-        cfg["data_dir"] = None if args.data == "shapes" else f"data/{args.data}"
+        cfg["data_dir"] = None if args.data == "shapes" else args.data[3:] if args.data.startswith("hf:") else f"data/{args.data}"
     if cfg["data"] == "shapes" and cfg["data_dir"] is None:
         cfg["data_dir"] = str(backbones.demo_shapes(CACHE))
-    if cfg["data_dir"] is None:
-        raise SystemExit(f"--data {cfg['data']} needs --data-dir")
     if "demo" in (cfg["vision"], cfg["language"]):
         vision_dir, language_dir = backbones.demo_backbones(CACHE, backbones.demo_shapes(CACHE))
         cfg["vision"] = str(vision_dir) if cfg["vision"] == "demo" else cfg["vision"]
@@ -88,7 +104,10 @@ def run_config(variant, args):
     precision = args.precision if args.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     cfg.update(variant=variant, preset=args.preset, seed=args.seed, device=device, precision=precision,
                train_layers=args.train_layers, cross_attention_heads=args.heads, max_steps=args.max_steps,
-               data_dir=str(Path(cfg["data_dir"]).resolve()))
+               data_dir=str(Path(cfg["data_dir"]).resolve()),
+               data_options={"strict": not args.skip_bad, "image_root": args.image_root, "restval": args.restval,
+                             "image_column": args.image_column, "caption_columns": args.caption_column or ["caption"],
+                             "download": args.download})
     return cfg
 
 
@@ -102,8 +121,9 @@ def seed_everything(seed):
 # frozen features, once per image
 
 def cached_features(model, processor, config, records, device):
-    """[N, P, D] fp16 vision features for records, from the disk cache when the same
-    backbone, preprocessing and image files were seen before."""
+    """(records, [N, P, D] fp16 vision features) from the disk cache when the same backbone,
+    preprocessing and image files were seen before. Images that fail to fully decode stop
+    the run, or with --skip-bad are left out (the records returned are the ones kept)."""
     h = hashlib.sha256()
     h.update(config["vision"].encode())
     h.update(model.vision.config.to_json_string().encode())
@@ -111,15 +131,24 @@ def cached_features(model, processor, config, records, device):
     for r in records:
         st = os.stat(r.image)
         h.update(f"{r.image}|{st.st_size}|{st.st_mtime_ns}".encode())
-    path = CACHE / "features" / f"{h.hexdigest()[:20]}.safetensors"
-    if path.is_file():
-        return load_file(str(path))["features"]
-    encode = lambda pixels: model.image_features(pixels.to(device))
-    features = data.compute_features(encode, processor, [r.image for r in records])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"features": features}, str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)
-    return features
+    path = CACHE / "features" / f"{h.hexdigest()[:20]}-v2.safetensors"
+    if not path.is_file():
+        encode = lambda pixels: model.image_features(pixels.to(device))
+        features, bad = data.compute_features(encode, processor, [r.image for r in records])
+        if bad and config["data_options"]["strict"]:
+            listing = "\n".join(f"  {message}" for _, message in bad)
+            raise SystemExit(f"error: {len(bad)} image(s) failed to decode:\n{listing}\n"
+                             "Fix them, or pass --skip-bad to leave them out.")
+        for _, message in bad:
+            print(f"--skip-bad: left out {message}")
+        dropped = {i for i, _ in bad}
+        kept = torch.tensor([i for i in range(len(records)) if i not in dropped], dtype=torch.long)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"  # runs sharing the cache may build the same file at once
+        save_file({"features": features, "kept": kept}, tmp)
+        os.replace(tmp, path)
+    cached = load_file(str(path))
+    return [records[i] for i in cached["kept"].tolist()], cached["features"]
 
 
 def make_loader(records, features, processor, tokenizer, config, shuffle, workers, generator=None):
@@ -145,6 +174,21 @@ def autocast(config):
     return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
+def train_step(model, batch, optimizer, scheduler, scaler, params, config):
+    """One optimizer step on a batch; returns (loss, gradient norm before clipping)."""
+    batch = {k: v.to(config["device"], non_blocking=True) for k, v in batch.items()}
+    with autocast(config):
+        loss = model(**batch)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss.detach(), grad_norm
+
+
 @torch.no_grad()
 def validation_loss(model, loader, config):
     model.eval()
@@ -158,6 +202,32 @@ def validation_loss(model, loader, config):
     return total / max(n, 1)
 
 
+class MetricsLog:
+    """metrics.jsonl, one JSON object a line; mirrored to Weights & Biases on request."""
+
+    def __init__(self, path, config, use_wandb):
+        self.file = open(path, "w")
+        self.wandb = None
+        if use_wandb:
+            try:
+                import wandb
+            except ImportError:
+                print("--wandb: wandb is not installed (pip install wandb); logging to metrics.jsonl only")
+            else:
+                self.wandb = wandb.init(project="duocap", name=Path(path).parent.name, config=config)
+
+    def write(self, row):
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        if self.wandb:
+            self.wandb.log(row, step=row["step"])
+
+    def close(self):
+        self.file.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
 def main(variant, argv=None):
     args = parse_args(variant, argv)
     config = run_config(variant, args)
@@ -166,16 +236,20 @@ def main(variant, argv=None):
     seed_everything(config["seed"])
     device = config["device"]
 
-    splits = data.load_splits(config["data"], config["data_dir"], config["seed"])
-    print("data: " + ", ".join(f"{k} {len(v)} images" for k, v in splits.items()))
+    try:
+        splits = data.splits_for(config)
+    except data.DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"data ({config['data']} at {config['data_dir']}): {data.describe_splits(splits)}")
     model, processor, tokenizer = build_model(config)
     model.to(device)
     trainable, total = model.parameter_counts()
     print(f"{variant}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.1f}%)")
 
-    use_cache = not args.no_feature_cache
-    features = {s: cached_features(model, processor, config, splits[s], device) if use_cache else None
-                for s in ("train", "val")}
+    features = {"train": None, "val": None}
+    if not args.no_feature_cache:
+        for s in features:
+            splits[s], features[s] = cached_features(model, processor, config, splits[s], device)
     workers = args.workers if args.workers is not None else (4 if device.startswith("cuda") else 0)
     gen = torch.Generator().manual_seed(config["seed"])
     train_loader = make_loader(splits["train"], features["train"], processor, tokenizer, config, True, workers, gen)
@@ -190,7 +264,7 @@ def main(variant, argv=None):
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config["warmup"] * total_steps), total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=config["precision"] == "fp16")
     save_checkpoint(model, config, run_dir)  # config.json first: a run dir always says what it is
-    log = open(run_dir / "metrics.jsonl", "w")
+    log = MetricsLog(run_dir / "metrics.jsonl", config, args.wandb)
 
     model.train()
     step, t_start = 0, time.time()
@@ -199,38 +273,31 @@ def main(variant, argv=None):
                    total=min(steps_per_epoch, total_steps - step))
         t_last, seen = time.time(), 0
         for batch in bar:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with autocast(config):
-                loss = model(**batch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            loss, grad_norm = train_step(model, batch, optimizer, scheduler, scaler, params, config)
             step += 1
             seen += len(batch["input_ids"])
             if step % args.log_every == 0 or step == total_steps:
                 rate = seen / (time.time() - t_last)
                 bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.0f}")
-                log.write(json.dumps({"step": step, "epoch": epoch + 1, "train_loss": loss.item(),
-                                      "grad_norm": grad_norm.item(), "lr": scheduler.get_last_lr()[0],
-                                      "samples_per_s": rate, "time_s": time.time() - t_start}) + "\n")
-                log.flush()
+                log.write({"step": step, "epoch": epoch + 1, "train_loss": loss.item(), "grad_norm": grad_norm.item(),
+                           "lr": scheduler.get_last_lr()[0], "samples_per_s": rate, "time_s": time.time() - t_start})
                 t_last, seen = time.time(), 0
             if step >= total_steps:
                 break
         val = validation_loss(model, val_loader, config)
         print(f"epoch {epoch + 1}: train loss {loss.item():.3f}, val loss {val:.3f}")
-        log.write(json.dumps({"step": step, "epoch": epoch + 1, "val_loss": val, "time_s": time.time() - t_start}) + "\n")
-        log.flush()
+        log.write({"step": step, "epoch": epoch + 1, "val_loss": val, "time_s": time.time() - t_start})
         save_checkpoint(model, config, run_dir)
         if step >= total_steps:
             break
     train_time = time.time() - t_start
     log.close()
     print(f"trained {step} steps in {train_time:.0f}s ({train_time / max(step, 1):.3f} s/step)")
+    summary = {"variant": variant, "trainable_params": trainable, "total_params": total, "steps": step,
+               "train_time_s": train_time, "s_per_step": train_time / max(step, 1),
+               "train_samples_per_s": step * config["batch_size"] / train_time,
+               "final_train_loss": loss.item(), "final_val_loss": val}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
     if args.no_eval or "test" not in splits:
         print(f"run directory: {run_dir}")

@@ -1,0 +1,144 @@
+"""
+Shared fixtures: a tiny shapes dataset, tiny random backbones saved and loaded
+back through the same from_pretrained path a hub id takes, and helpers that
+build either captioner variant from a run config. Nothing is downloaded and
+nothing is pretrained: every backbone is random and a few kilobytes.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# the models here are tiny: one thread is as fast, and does not fight the training subprocesses
+torch.set_num_threads(1)
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import backbones  # noqa: E402
+import data  # noqa: E402
+from captioner import build_model  # noqa: E402
+
+VARIANTS = ["explained", "self_attention"]
+MAX_CAPTION_TOKENS = 32
+HEADS = 4
+
+
+@pytest.fixture(scope="session", autouse=True)
+def duocap_cache(tmp_path_factory):
+    """A private feature cache for this session (and for the subprocesses it starts)."""
+    cache = tmp_path_factory.mktemp("duocap-cache")
+    old = os.environ.get("DUOCAP_CACHE")
+    os.environ["DUOCAP_CACHE"] = str(cache)
+    if "train" in sys.modules:  # train reads DUOCAP_CACHE when it is imported
+        sys.modules["train"].CACHE = cache
+    yield cache
+    if old is None:
+        os.environ.pop("DUOCAP_CACHE", None)
+    else:
+        os.environ["DUOCAP_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    return data.make_shapes_dataset(root, n_train=64, n_val=8, n_test=8, n_compositional=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def splits(shapes_dir):
+    return data.load_splits("shapes", shapes_dir)
+
+
+def save_vision(out_dir, hidden_size=32):
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=hidden_size, num_hidden_layers=1,
+                              num_attention_heads=2, intermediate_size=64)
+    CLIPVisionModel(config).eval().save_pretrained(out_dir)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def vision_dir(tmp_path_factory):
+    return save_vision(tmp_path_factory.mktemp("vision"))
+
+
+@pytest.fixture(scope="session")
+def other_vision_dir(tmp_path_factory):
+    """A second vision tower with another hidden size: a checkpoint of the first must not load onto it."""
+    return save_vision(tmp_path_factory.mktemp("vision-wide"), hidden_size=48)
+
+
+@pytest.fixture(scope="session")
+def language_dir(tmp_path_factory, splits):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    out = tmp_path_factory.mktemp("language")
+    captions = [c for r in splits["train"] for c in r.captions]
+    tokenizer = backbones.build_tokenizer(captions, vocab_size=300)
+    tokenizer.save_pretrained(out)
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, intermediate_size=128, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
+                         bos_token_id=None, max_position_embeddings=512,
+                         # larger than Qwen's 0.02 so that a random LM's greedy output depends on the image
+                         initializer_range=0.3)
+    Qwen3ForCausalLM(config).eval().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(language_dir):
+    return backbones.load_language(language_dir)[1]
+
+
+@pytest.fixture(scope="session")
+def make_config(vision_dir, language_dir, shapes_dir):
+    """A run config as train.run_config produces it from the command line."""
+    def make(variant, train_layers=2, max_caption_tokens=MAX_CAPTION_TOKENS, **overrides):
+        import train
+        args = train.parse_args(variant, [
+            "--vision", str(vision_dir), "--language", str(language_dir), "--data", "shapes",
+            "--data-dir", str(shapes_dir), "--train-layers", str(train_layers), "--heads", str(HEADS),
+            "--max-caption-tokens", str(max_caption_tokens), "--device", "cpu"])
+        config = train.run_config(variant, args)
+        config.update(overrides)
+        return config
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_model(make_config):
+    """(model, processor, tokenizer, config) for a variant, seeded, in eval mode."""
+    def make(variant, seed=0, **config_kw):
+        config = make_config(variant, **config_kw)
+        torch.manual_seed(seed)
+        model, processor, tokenizer = build_model(config)
+        return model.eval(), processor, tokenizer, config
+    return make
+
+
+def perturb(model, seed=0, std=0.5):
+    """Make a random-init captioner depend strongly on its image: noise on every adapter/fusion weight."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and not name.startswith("lm."):
+                p.add_(torch.randn(p.shape, generator=gen) * std * (p.detach().float().std().item() + 0.05))
+    return model
+
+
+def pixels_for(processor, records):
+    images = [data.read_image(r.image) for r in records]
+    return processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def batch_for(processor, tokenizer, records, max_tokens=MAX_CAPTION_TOKENS):
+    """One training batch: each record's first caption and its pixels."""
+    input_ids, targets, mask = data.encode_captions(tokenizer, [r.captions[0] for r in records], max_tokens)
+    return {"input_ids": input_ids, "targets": targets, "attention_mask": mask,
+            "pixel_values": pixels_for(processor, records)}

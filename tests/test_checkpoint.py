@@ -1,0 +1,109 @@
+"""Checkpoints: safetensors + JSON, a faithful round trip, clear refusals."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from captioner import load_run, save_checkpoint
+from conftest import VARIANTS, batch_for, perturb
+
+
+@pytest.fixture(scope="module")
+def saved_runs(make_model, tmp_path_factory):
+    """{variant: (model, config, run_dir)} with perturbed trainable weights saved."""
+    runs = {}
+    for seed, variant in enumerate(VARIANTS):
+        model, _, _, config = make_model(variant, seed=seed)
+        perturb(model, seed=seed + 10)
+        run_dir = tmp_path_factory.mktemp(f"run-{variant}")
+        save_checkpoint(model, config, run_dir)
+        runs[variant] = (model, config, run_dir)
+    return runs
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_round_trip_gives_identical_logits(saved_runs, splits, variant):
+    model, config, run_dir = saved_runs[variant]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "model.safetensors"]
+    raw = (run_dir / "model.safetensors").read_bytes()
+    assert not raw.startswith((b"\x80", b"PK")), "a checkpoint must not be a pickle or a torch zip"
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["variant"] == variant and saved["vision"] == config["vision"]
+    assert set(load_file(str(run_dir / "model.safetensors"))) == set(model.trainable_state_dict())
+
+    loaded, processor, tokenizer, loaded_config = load_run(run_dir)
+    assert type(loaded) is type(model) and loaded.variant == variant
+    assert loaded_config == saved
+    assert not loaded.training
+    own = model.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, own[name]), f"{name} differs after loading"
+
+    batch = batch_for(processor, tokenizer, splits["test"][:3])
+    model.eval()
+    with torch.no_grad():
+        state_a = model.encode_images(pixel_values=batch["pixel_values"])
+        state_b = loaded.encode_images(pixel_values=batch["pixel_values"])
+        logits_a, _ = model.next_logits(state_a, batch["input_ids"])
+        logits_b, _ = loaded.next_logits(state_b, batch["input_ids"])
+        assert torch.equal(logits_a, logits_b)
+        assert torch.equal(model(**batch), loaded(**batch))
+
+    # naming the right variant loads
+    assert type(load_run(run_dir, variant=variant)[0]) is type(model)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fresh_model_differs_from_checkpoint(saved_runs, make_model, splits, variant):
+    model, _, _ = saved_runs[variant]
+    fresh, processor, tokenizer, _ = make_model(variant, seed=123)
+    batch = batch_for(processor, tokenizer, splits["test"][:3])
+    with torch.no_grad():
+        assert not torch.equal(model.eval()(**batch), fresh(**batch))
+
+
+def test_loading_into_the_wrong_variant_is_refused(saved_runs):
+    run_dir = saved_runs["explained"][2]
+    with pytest.raises(ValueError) as e:
+        load_run(run_dir, variant="self_attention")
+    assert "explained" in str(e.value) and "self_attention" in str(e.value)
+
+    run_dir = saved_runs["self_attention"][2]
+    with pytest.raises(ValueError) as e:
+        load_run(run_dir, variant="explained")
+    assert "explained" in str(e.value) and "self_attention" in str(e.value)
+
+
+def test_weights_of_the_other_variant_are_refused(saved_runs, tmp_path):
+    """config.json says explained, but model.safetensors holds self-attention weights."""
+    explained_dir, sa_dir = saved_runs["explained"][2], saved_runs["self_attention"][2]
+    (tmp_path / "config.json").write_text((explained_dir / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes((sa_dir / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="does not fit"):
+        load_run(tmp_path)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_loading_onto_another_backbone_is_refused(saved_runs, other_vision_dir, tmp_path, variant):
+    _, config, run_dir = saved_runs[variant]
+    (tmp_path / "model.safetensors").write_bytes((run_dir / "model.safetensors").read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "variant": variant, "vision": str(other_vision_dir)}))
+    with pytest.raises(ValueError, match="shape") as e:
+        load_run(tmp_path)
+    assert "adapter.0.weight" in str(e.value) or "positions.weight" in str(e.value)
+
+
+def test_checkpoint_with_a_reshaped_tensor_is_refused(saved_runs, tmp_path):
+    _, _, run_dir = saved_runs["explained"]
+    weights = load_file(str(run_dir / "model.safetensors"))
+    weights["fusion_norm.weight"] = torch.ones(7)
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((run_dir / "config.json").read_text())
+    with pytest.raises(ValueError, match="fusion_norm.weight"):
+        load_run(tmp_path)
+
+
+def test_missing_config_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_run(tmp_path)
