@@ -109,8 +109,8 @@ def bench_training(model, records, features, processor, tokenizer, config, steps
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cuda", enabled=config["precision"] == "fp16")
-    loader = train.make_loader(records, features, processor, tokenizer, config, True, workers,
-                               torch.Generator().manual_seed(0))
+    order = torch.randperm(sum(len(r.captions) for r in records), generator=torch.Generator().manual_seed(0))
+    loader = train.make_loader(records, features, processor, tokenizer, config, order.tolist(), workers)
     batches = iter(loader)
     model.train()
     for _ in range(2):

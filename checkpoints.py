@@ -7,7 +7,7 @@ RUN_DIR/checkpoints/step-00000123/ holds
     state.json             step, epoch, position in the epoch, scheduler, grad scaler,
                            optimizer hyper-parameters, Python and NumPy RNG states
 Tensors go to safetensors and everything else to JSON: loading a checkpoint
-never runs code (no pickle). A checkpoint is written into a temporary folder and
+never runs code: JSON and safetensors only. A checkpoint is written into a temporary folder and
 renamed into place, so a kill mid-write leaves the previous one intact.
 """
 import json

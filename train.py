@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 import backbones
 import data
-from captioner import build_model, save_checkpoint
+import checkpoints
+from captioner import build_model, read_config, save_checkpoint
 from evaluate import evaluate_run
 
 CACHE = data.CACHE
@@ -80,6 +82,11 @@ def parse_args(variant, argv=None):
     p.add_argument("--workers", type=int, help="DataLoader workers (default 0 on CPU, 4 on CUDA)")
     p.add_argument("--no-feature-cache", action="store_true", help="run the vision tower on every batch")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at each epoch end)")
+    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
+    p.add_argument("--max-bad-steps", type=int, default=5,
+                   help="stop after this many non-finite steps in a row")
     p.add_argument("--no-eval", action="store_true", help="skip the test evaluation after training")
     p.add_argument("--wandb", action="store_true",
                    help="also log to Weights & Biases when it is installed (WANDB_MODE=offline needs no network)")
@@ -151,7 +158,8 @@ def cached_features(model, processor, config, records, device):
     return [records[i] for i in cached["kept"].tolist()], cached["features"]
 
 
-def make_loader(records, features, processor, tokenizer, config, shuffle, workers, generator=None):
+def make_loader(records, features, processor, tokenizer, config, order, workers):
+    """Batches of caption rows, in `order` (a list of row indices; None = as stored)."""
     def collate(items):
         idx, images, captions = zip(*items)
         input_ids, targets, mask = data.encode_captions(tokenizer, captions, config["max_caption_tokens"])
@@ -163,9 +171,8 @@ def make_loader(records, features, processor, tokenizer, config, shuffle, worker
         return batch
 
     rows = data.CaptionRows(records, load_pixels=features is None)
-    return torch.utils.data.DataLoader(rows, batch_size=config["batch_size"], shuffle=shuffle, collate_fn=collate,
-                                       num_workers=workers, pin_memory=config["device"].startswith("cuda"),
-                                       generator=generator, drop_last=shuffle)
+    return torch.utils.data.DataLoader(rows, batch_size=config["batch_size"], sampler=order, collate_fn=collate,
+                                       num_workers=workers, pin_memory=config["device"].startswith("cuda"))
 
 
 def autocast(config):
@@ -175,18 +182,34 @@ def autocast(config):
 
 
 def train_step(model, batch, optimizer, scheduler, scaler, params, config):
-    """One optimizer step on a batch; returns (loss, gradient norm before clipping)."""
+    """One optimizer step on a batch; returns (loss, gradient norm before clipping, ok).
+    A non-finite loss or gradient leaves the weights untouched (ok False); with fp16
+    the GradScaler already skips steps with overflowed gradients by itself."""
     batch = {k: v.to(config["device"], non_blocking=True) for k, v in batch.items()}
     with autocast(config):
         loss = model(**batch)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-    return loss.detach(), grad_norm
+    ok = bool(torch.isfinite(loss))
+    grad_norm = torch.tensor(float("nan"))
+    if ok:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        ok = scaler.is_enabled() or bool(torch.isfinite(grad_norm))
+    if ok:
+        scaler.step(optimizer)
+        scaler.update()
+    scheduler.step()  # the schedule follows the data, skipped batch or not
+    return loss.detach(), grad_norm, ok
+
+
+def report_long_captions(tokenizer, records, max_tokens):
+    captions = [c for r in records for c in r.captions]
+    lengths = [len(ids) for ids in tokenizer(captions, add_special_tokens=False)["input_ids"]]
+    n_long = sum(n > max_tokens for n in lengths)
+    if n_long:
+        print(f"{n_long} of {len(captions)} training captions are longer than {max_tokens} tokens and are "
+              f"truncated (longest {max(lengths)}; see --max-caption-tokens)")
 
 
 @torch.no_grad()
@@ -205,8 +228,8 @@ def validation_loss(model, loader, config):
 class MetricsLog:
     """metrics.jsonl, one JSON object a line; mirrored to Weights & Biases on request."""
 
-    def __init__(self, path, config, use_wandb):
-        self.file = open(path, "w")
+    def __init__(self, path, config, use_wandb, append=False):
+        self.file = open(path, "a" if append else "w")
         self.wandb = None
         if use_wandb:
             try:
@@ -228,10 +251,40 @@ class MetricsLog:
             self.wandb.finish()
 
 
+class StopRequest:
+    """SIGINT / SIGTERM ask the run to checkpoint at the end of the current step and exit;
+    a second SIGINT exits at once."""
+
+    def __init__(self):
+        self.signal = None
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, self.handle)
+
+    def handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
+              "(press Ctrl-C again to quit at once)", flush=True)
+
+
+def epoch_order(n_rows, seed, epoch, n_batches, batch_size):
+    """The rows of one epoch, in order: a permutation that depends only on (seed, epoch),
+    so a resumed run sees exactly the batches the interrupted one would have."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n_rows, generator=g)[:n_batches * batch_size].tolist()
+
+
 def main(variant, argv=None):
     args = parse_args(variant, argv)
-    config = run_config(variant, args)
-    run_dir = Path(args.out or f"runs/{variant}-{args.preset}")
+    if args.resume:
+        run_dir = Path(args.resume)
+        config = read_config(run_dir)
+        if config["variant"] != variant:
+            raise SystemExit(f"error: {run_dir} is a {config['variant']} run; resume it with its own script")
+    else:
+        config = run_config(variant, args)
+        run_dir = Path(args.out or f"runs/{variant}-{args.preset}")
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config["seed"])
     device = config["device"]
@@ -245,57 +298,96 @@ def main(variant, argv=None):
     model.to(device)
     trainable, total = model.parameter_counts()
     print(f"{variant}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.1f}%)")
+    report_long_captions(tokenizer, splits["train"], config["max_caption_tokens"])
 
     features = {"train": None, "val": None}
     if not args.no_feature_cache:
         for s in features:
             splits[s], features[s] = cached_features(model, processor, config, splits[s], device)
     workers = args.workers if args.workers is not None else (4 if device.startswith("cuda") else 0)
-    gen = torch.Generator().manual_seed(config["seed"])
-    train_loader = make_loader(splits["train"], features["train"], processor, tokenizer, config, True, workers, gen)
-    val_loader = make_loader(splits["val"], features["val"], processor, tokenizer, config, False, workers)
-
-    steps_per_epoch = len(train_loader)
+    val_loader = make_loader(splits["val"], features["val"], processor, tokenizer, config, None, workers)
+    n_rows = sum(len(r.captions) for r in splits["train"])
+    steps_per_epoch = n_rows // config["batch_size"]
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {n_rows} training captions do not fill one batch of {config['batch_size']}")
     total_steps = config["epochs"] * steps_per_epoch
     if config["max_steps"]:
         total_steps = min(total_steps, config["max_steps"])
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config["warmup"] * total_steps), total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=config["precision"] == "fp16")
-    save_checkpoint(model, config, run_dir)  # config.json first: a run dir always says what it is
-    log = MetricsLog(run_dir / "metrics.jsonl", config, args.wandb)
+    progress = {"step": 0, "epoch": 0, "position": 0, "time_s": 0.0, "skipped_steps": 0}
+    if args.resume:
+        last = checkpoints.latest(run_dir)
+        progress = checkpoints.load(last, model, optimizer, scheduler, scaler)
+        print(f"resumed from {last} (epoch {progress['epoch'] + 1}, step {progress['step']})")
+    else:
+        save_checkpoint(model, config, run_dir)  # config.json first: a run dir always says what it is
+    log = MetricsLog(run_dir / "metrics.jsonl", config, args.wandb, append=bool(args.resume))
+    stop = StopRequest()
+
+    def save_state():
+        checkpoints.save(run_dir, model, optimizer, scheduler, scaler, progress, keep=args.keep)
 
     model.train()
-    step, t_start = 0, time.time()
-    for epoch in range(config["epochs"]):
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config['epochs']}", unit="step",
-                   total=min(steps_per_epoch, total_steps - step))
+    t_start = time.time() - progress["time_s"]
+    bad_in_a_row, loss, val = 0, torch.tensor(float("nan")), float("nan")
+    while progress["step"] < total_steps and progress["epoch"] < config["epochs"]:
+        epoch = progress["epoch"]
+        order = epoch_order(n_rows, config["seed"], epoch, steps_per_epoch, config["batch_size"])
+        loader = make_loader(splits["train"], features["train"], processor, tokenizer, config,
+                             order[progress["position"] * config["batch_size"]:], workers)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config['epochs']}", unit="step", initial=progress["position"],
+                   total=min(steps_per_epoch, progress["position"] + total_steps - progress["step"]))
         t_last, seen = time.time(), 0
         for batch in bar:
-            loss, grad_norm = train_step(model, batch, optimizer, scheduler, scaler, params, config)
-            step += 1
+            loss, grad_norm, ok = train_step(model, batch, optimizer, scheduler, scaler, params, config)
+            progress.update(step=progress["step"] + 1, position=progress["position"] + 1,
+                            time_s=time.time() - t_start)
             seen += len(batch["input_ids"])
+            bad_in_a_row = 0 if ok else bad_in_a_row + 1
+            if not ok:
+                progress["skipped_steps"] += 1
+                print(f"\nstep {progress['step']}: non-finite loss or gradient, step skipped "
+                      f"({bad_in_a_row} in a row, {progress['skipped_steps']} in all)")
+                log.write({"step": progress["step"], "skipped_step": True, "loss": loss.item()})
+                if bad_in_a_row >= args.max_bad_steps:
+                    save_state()
+                    raise SystemExit(f"error: {bad_in_a_row} steps in a row had a non-finite loss or gradient; "
+                                     f"stopped with the last good weights checkpointed in {run_dir}/checkpoints "
+                                     "(lower --lr, or check the data)")
+            step = progress["step"]
             if step % args.log_every == 0 or step == total_steps:
                 rate = seen / (time.time() - t_last)
                 bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.0f}")
                 log.write({"step": step, "epoch": epoch + 1, "train_loss": loss.item(), "grad_norm": grad_norm.item(),
-                           "lr": scheduler.get_last_lr()[0], "samples_per_s": rate, "time_s": time.time() - t_start})
+                           "lr": scheduler.get_last_lr()[0], "samples_per_s": rate, "time_s": progress["time_s"]})
                 t_last, seen = time.time(), 0
+            if stop.signal is not None or (args.save_every and step % args.save_every == 0):
+                save_state()
+            if stop.signal is not None:
+                save_checkpoint(model, config, run_dir)
+                print(f"stopped at step {step}; continue with --resume {run_dir}")
+                raise SystemExit(0)
             if step >= total_steps:
                 break
+        bar.close()
+        if progress["position"] >= steps_per_epoch:
+            progress.update(epoch=epoch + 1, position=0)
         val = validation_loss(model, val_loader, config)
         print(f"epoch {epoch + 1}: train loss {loss.item():.3f}, val loss {val:.3f}")
-        log.write({"step": step, "epoch": epoch + 1, "val_loss": val, "time_s": time.time() - t_start})
+        log.write({"step": progress["step"], "epoch": epoch + 1, "val_loss": val, "time_s": time.time() - t_start})
+        save_state()
         save_checkpoint(model, config, run_dir)
-        if step >= total_steps:
-            break
     train_time = time.time() - t_start
     log.close()
+    step = progress["step"]
     print(f"trained {step} steps in {train_time:.0f}s ({train_time / max(step, 1):.3f} s/step)")
     summary = {"variant": variant, "trainable_params": trainable, "total_params": total, "steps": step,
-               "train_time_s": train_time, "s_per_step": train_time / max(step, 1),
-               "train_samples_per_s": step * config["batch_size"] / train_time,
+               "skipped_steps": progress["skipped_steps"], "train_time_s": train_time,
+               "s_per_step": train_time / max(step, 1), "train_samples_per_s": step * config["batch_size"] / train_time,
                "final_train_loss": loss.item(), "final_val_loss": val}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
