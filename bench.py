@@ -114,15 +114,15 @@ def bench_training(model, records, features, processor, tokenizer, config, steps
     batches = iter(loader)
     model.train()
     for _ in range(2):
-        train.train_step(model, next(batches), optimizer, scheduler, scaler, params, config)
+        train.train_step(model, [next(batches)], optimizer, scheduler, scaler, params, config)
     sync(config["device"])
     t0 = time.time()
     for _ in range(steps):
-        train.train_step(model, next(batches), optimizer, scheduler, scaler, params, config)
+        train.train_step(model, [next(batches)], optimizer, scheduler, scaler, params, config)
     sync(config["device"])
     rate = steps * config["batch_size"] / (time.time() - t0)
     with FlopCounterMode(display=False) as counter:
-        train.train_step(model, next(batches), optimizer, scheduler, scaler, params, config)
+        train.train_step(model, [next(batches)], optimizer, scheduler, scaler, params, config)
     return rate, counter.get_total_flops()
 
 

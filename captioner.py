@@ -87,16 +87,16 @@ class Captioner(nn.Module):
 
     # --- training ---------------------------------------------------------------
 
-    def forward(self, input_ids, targets, attention_mask, pixel_values=None, features=None):
-        """Mean cross-entropy over the caption tokens (targets of -100 are ignored).
-
-        The LM head only runs on the text positions: the image positions need no logits."""
+    def forward(self, input_ids, targets, attention_mask, pixel_values=None, features=None, reduction="mean"):
+        """Cross-entropy over the caption tokens (targets of -100 are ignored), their mean
+        or (reduction="sum") their sum. The LM head only runs on the text positions: the
+        image positions need no logits."""
         state = self.encode_images(pixel_values, features)
         embeds = self.embed(state, input_ids, 0)
         P = self.prefix_len(state)
         mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], P), attention_mask], 1)
         logits = self.lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=input_ids.shape[1]).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
 
     # --- decoding ---------------------------------------------------------------
 

@@ -10,7 +10,9 @@ A run directory gets config.json, model.safetensors (trainable weights only),
 metrics.jsonl and, after training, the test-split evaluation.
 """
 import argparse
+import contextlib
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -69,7 +72,8 @@ def parse_args(variant, argv=None):
     p.add_argument("--vision", help="CLIP vision tower: hub id or local directory (overrides the preset)")
     p.add_argument("--language", help="Qwen causal LM + tokenizer: hub id or local directory (overrides the preset)")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="per rank and per accumulation step")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float)
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--train-layers", type=int, default=2, help="last Qwen decoder layers to train")
@@ -181,26 +185,40 @@ def autocast(config):
     return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def train_step(model, batch, optimizer, scheduler, scaler, params, config):
-    """One optimizer step on a batch; returns (loss, gradient norm before clipping, ok).
-    A non-finite loss or gradient leaves the weights untouched (ok False); with fp16
-    the GradScaler already skips steps with overflowed gradients by itself."""
-    batch = {k: v.to(config["device"], non_blocking=True) for k, v in batch.items()}
-    with autocast(config):
-        loss = model(**batch)
+def train_step(model, micro_batches, optimizer, scheduler, scaler, params, config):
+    """One optimizer step over a list of micro-batches (gradient accumulation; under
+    DistributedDataParallel each rank passes its own). The loss is the mean over every
+    caption token of the global batch, so k micro-batches of b on n ranks update the
+    weights as one batch of k*n*b would. Returns (loss, gradient norm before clipping, ok):
+    a non-finite gradient leaves the weights untouched (ok False); with fp16 the
+    GradScaler already skips overflowed steps by itself."""
+    micro_batches = [{k: v.to(config["device"], non_blocking=True) for k, v in b.items()} for b in micro_batches]
+    n_tokens = sum((b["targets"] != -100).sum() for b in micro_batches).float()
+    loss_total = torch.zeros((), device=n_tokens.device)
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        dist.all_reduce(n_tokens)
+    world = dist.get_world_size() if distributed else 1
     optimizer.zero_grad(set_to_none=True)
-    ok = bool(torch.isfinite(loss))
-    grad_norm = torch.tensor(float("nan"))
-    if ok:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        ok = scaler.is_enabled() or bool(torch.isfinite(grad_norm))
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        no_sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+        with no_sync:
+            with autocast(config):
+                loss_sum = model(**batch, reduction="sum")
+            # DDP averages gradients over ranks, hence the factor world
+            scaler.scale(loss_sum * world / n_tokens).backward()
+        loss_total += loss_sum.detach()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    ok = scaler.is_enabled() or bool(torch.isfinite(grad_norm))  # the same on every rank after all-reduce
     if ok:
         scaler.step(optimizer)
         scaler.update()
     scheduler.step()  # the schedule follows the data, skipped batch or not
-    return loss.detach(), grad_norm, ok
+    if distributed:
+        dist.all_reduce(loss_total)
+    return loss_total / n_tokens, grad_norm, ok
 
 
 def report_long_captions(tokenizer, records, max_tokens):
@@ -228,10 +246,10 @@ def validation_loss(model, loader, config):
 class MetricsLog:
     """metrics.jsonl, one JSON object a line; mirrored to Weights & Biases on request."""
 
-    def __init__(self, path, config, use_wandb, append=False):
-        self.file = open(path, "a" if append else "w")
+    def __init__(self, path, config, use_wandb, append=False, enabled=True):
+        self.file = open(path, "a" if append else "w") if enabled else None
         self.wandb = None
-        if use_wandb:
+        if use_wandb and enabled:
             try:
                 import wandb
             except ImportError:
@@ -240,13 +258,16 @@ class MetricsLog:
                 self.wandb = wandb.init(project="duocap", name=Path(path).parent.name, config=config)
 
     def write(self, row):
+        if self.file is None:
+            return
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         if self.wandb:
             self.wandb.log(row, step=row["step"])
 
     def close(self):
-        self.file.close()
+        if self.file:
+            self.file.close()
         if self.wandb:
             self.wandb.finish()
 
@@ -267,24 +288,70 @@ class StopRequest:
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
               "(press Ctrl-C again to quit at once)", flush=True)
 
+    def requested(self):
+        """Whether any rank was asked to stop (all ranks must stop after the same step)."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return self.signal is not None
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor(float(self.signal is not None), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
 
-def epoch_order(n_rows, seed, epoch, n_batches, batch_size):
-    """The rows of one epoch, in order: a permutation that depends only on (seed, epoch),
-    so a resumed run sees exactly the batches the interrupted one would have."""
+
+def epoch_order(n_rows, seed, epoch, n_steps, batch_size, grad_accum=1, rank=0, world=1):
+    """This rank's rows of one epoch, in order. The permutation depends only on (seed,
+    epoch), so a resumed run sees exactly the batches the interrupted one would have;
+    optimizer step k uses the same rows (k*G .. (k+1)*G, G = the global batch) whether
+    they come from one process or from `world` ranks with `grad_accum` micro-batches each."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n_rows, generator=g)[:n_batches * batch_size].tolist()
+    order = torch.randperm(n_rows, generator=g)[:n_steps * grad_accum * world * batch_size]
+    return order.view(n_steps, grad_accum, world, batch_size)[:, :, rank].flatten().tolist()
+
+
+def groups_of(iterable, n):
+    it = iter(iterable)
+    while group := list(itertools.islice(it, n)):
+        yield group
+
+
+def init_distributed():
+    """(rank, world size, device) under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set), else (0, 1, None).
+    NCCL on CUDA, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, None
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return dist.get_rank(), dist.get_world_size(), f"cuda:{local_rank}"
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), "cpu"
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def main(variant, argv=None):
     args = parse_args(variant, argv)
+    rank, world, rank_device = init_distributed()
+    is_main = rank == 0
     if args.resume:
         run_dir = Path(args.resume)
         config = read_config(run_dir)
         if config["variant"] != variant:
-            raise SystemExit(f"error: {run_dir} is a {config['variant']} run; resume it with its own script")
+            raise SystemExit(f"error: {run_dir} holds a {config['variant']} run, not a {variant} one; "
+                             f"resume it with its own script")
     else:
+        if not is_main:
+            barrier()  # rank 0 builds the demo data and backbones once
         config = run_config(variant, args)
+        if is_main:
+            barrier()
         run_dir = Path(args.out or f"runs/{variant}-{args.preset}")
+    config["device"] = rank_device or config["device"]
+    config["world_size"], config["grad_accum"] = world, args.grad_accum if not args.resume else config["grad_accum"]
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config["seed"])
     device = config["device"]
@@ -303,13 +370,21 @@ def main(variant, argv=None):
     features = {"train": None, "val": None}
     if not args.no_feature_cache:
         for s in features:
+            if not is_main:
+                barrier()  # rank 0 builds the feature cache once; the others then read it
             splits[s], features[s] = cached_features(model, processor, config, splits[s], device)
+            if is_main:
+                barrier()
     workers = args.workers if args.workers is not None else (4 if device.startswith("cuda") else 0)
     val_loader = make_loader(splits["val"], features["val"], processor, tokenizer, config, None, workers)
     n_rows = sum(len(r.captions) for r in splits["train"])
-    steps_per_epoch = n_rows // config["batch_size"]
+    global_batch = config["batch_size"] * config["grad_accum"] * world
+    steps_per_epoch = n_rows // global_batch
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {n_rows} training captions do not fill one batch of {config['batch_size']}")
+        raise SystemExit(f"error: {n_rows} training captions do not fill one global batch of {global_batch}")
+    if is_main:
+        print(f"global batch {global_batch} = {config['batch_size']} per rank x {config['grad_accum']} "
+              f"accumulation steps x {world} rank(s); {steps_per_epoch} steps per epoch")
     total_steps = config["epochs"] * steps_per_epoch
     if config["max_steps"]:
         total_steps = min(total_steps, config["max_steps"])
@@ -323,30 +398,38 @@ def main(variant, argv=None):
         last = checkpoints.latest(run_dir)
         progress = checkpoints.load(last, model, optimizer, scheduler, scaler)
         print(f"resumed from {last} (epoch {progress['epoch'] + 1}, step {progress['step']})")
-    else:
+    elif is_main:
         save_checkpoint(model, config, run_dir)  # config.json first: a run dir always says what it is
-    log = MetricsLog(run_dir / "metrics.jsonl", config, args.wandb, append=bool(args.resume))
+    log = MetricsLog(run_dir / "metrics.jsonl", config, args.wandb, append=bool(args.resume), enabled=is_main)
     stop = StopRequest()
+    trainer = model
+    if world > 1:
+        trainer = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
 
     def save_state():
-        checkpoints.save(run_dir, model, optimizer, scheduler, scaler, progress, keep=args.keep)
+        if is_main:
+            checkpoints.save(run_dir, model, optimizer, scheduler, scaler, progress, keep=args.keep)
+        barrier()
 
     model.train()
     t_start = time.time() - progress["time_s"]
     bad_in_a_row, loss, val = 0, torch.tensor(float("nan")), float("nan")
     while progress["step"] < total_steps and progress["epoch"] < config["epochs"]:
         epoch = progress["epoch"]
-        order = epoch_order(n_rows, config["seed"], epoch, steps_per_epoch, config["batch_size"])
+        A = config["grad_accum"]
+        order = epoch_order(n_rows, config["seed"], epoch, steps_per_epoch, config["batch_size"], A, rank, world)
         loader = make_loader(splits["train"], features["train"], processor, tokenizer, config,
-                             order[progress["position"] * config["batch_size"]:], workers)
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config['epochs']}", unit="step", initial=progress["position"],
-                   total=min(steps_per_epoch, progress["position"] + total_steps - progress["step"]))
+                             order[progress["position"] * A * config["batch_size"]:], workers)
+        steps = groups_of(loader, A)  # A micro-batches per optimizer step
+        bar = tqdm(steps, desc=f"epoch {epoch + 1}/{config['epochs']}", unit="step", initial=progress["position"],
+                   total=min(steps_per_epoch, progress["position"] + total_steps - progress["step"]),
+                   disable=not is_main)
         t_last, seen = time.time(), 0
-        for batch in bar:
-            loss, grad_norm, ok = train_step(model, batch, optimizer, scheduler, scaler, params, config)
+        for micro_batches in bar:
+            loss, grad_norm, ok = train_step(trainer, micro_batches, optimizer, scheduler, scaler, params, config)
             progress.update(step=progress["step"] + 1, position=progress["position"] + 1,
                             time_s=time.time() - t_start)
-            seen += len(batch["input_ids"])
+            seen += global_batch
             bad_in_a_row = 0 if ok else bad_in_a_row + 1
             if not ok:
                 progress["skipped_steps"] += 1
@@ -365,24 +448,30 @@ def main(variant, argv=None):
                 log.write({"step": step, "epoch": epoch + 1, "train_loss": loss.item(), "grad_norm": grad_norm.item(),
                            "lr": scheduler.get_last_lr()[0], "samples_per_s": rate, "time_s": progress["time_s"]})
                 t_last, seen = time.time(), 0
-            if stop.signal is not None or (args.save_every and step % args.save_every == 0):
+            stopping = stop.requested()
+            if stopping or (args.save_every and step % args.save_every == 0):
                 save_state()
-            if stop.signal is not None:
-                save_checkpoint(model, config, run_dir)
-                print(f"stopped at step {step}; continue with --resume {run_dir}")
+            if stopping:
+                if is_main:
+                    save_checkpoint(model, config, run_dir)
+                    print(f"stopped at step {step}; continue with --resume {run_dir}")
                 raise SystemExit(0)
             if step >= total_steps:
                 break
         bar.close()
         if progress["position"] >= steps_per_epoch:
             progress.update(epoch=epoch + 1, position=0)
-        val = validation_loss(model, val_loader, config)
-        print(f"epoch {epoch + 1}: train loss {loss.item():.3f}, val loss {val:.3f}")
-        log.write({"step": progress["step"], "epoch": epoch + 1, "val_loss": val, "time_s": time.time() - t_start})
+        if is_main:
+            val = validation_loss(model, val_loader, config)
+            print(f"epoch {epoch + 1}: train loss {loss.item():.3f}, val loss {val:.3f}")
+            log.write({"step": progress["step"], "epoch": epoch + 1, "val_loss": val, "time_s": time.time() - t_start})
+            save_checkpoint(model, config, run_dir)
         save_state()
-        save_checkpoint(model, config, run_dir)
     train_time = time.time() - t_start
     log.close()
+    if not is_main:
+        dist.destroy_process_group()
+        return run_dir
     step = progress["step"]
     print(f"trained {step} steps in {train_time:.0f}s ({train_time / max(step, 1):.3f} s/step)")
     summary = {"variant": variant, "trainable_params": trainable, "total_params": total, "steps": step,
@@ -391,6 +480,8 @@ def main(variant, argv=None):
                "final_train_loss": loss.item(), "final_val_loss": val}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     if args.no_eval or "test" not in splits:
         print(f"run directory: {run_dir}")
         return run_dir
