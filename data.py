@@ -464,7 +464,7 @@ def split_by_image(records, seed=0, val_fraction=0.05, test_fraction=0.05):
 SOURCES = ("shapes", "folder", "flickr8k", "karpathy", "coco", "hf:<name or path>")
 
 
-def load_splits(source, data_dir, seed=0, strict=True, cache_dir=CACHE, image_root=None, restval="train",
+def load_splits(source, data_dir, seed=0, strict=True, cache_dir=None, image_root=None, restval="train",
                 image_column="image", caption_columns=("caption",), download=False):
     """{split: [Record]} for a source. Every problem found is one line naming the file
     (and line) and what is wrong; strict stops with all of them, otherwise the bad
@@ -479,7 +479,7 @@ def load_splits(source, data_dir, seed=0, strict=True, cache_dir=CACHE, image_ro
     elif source == "coco":
         splits = load_coco(data_dir, problems, seed)
     elif source.startswith("hf:"):
-        splits = load_hf(source[3:], problems, cache_dir, image_column, caption_columns, download)
+        splits = load_hf(source[3:], problems, cache_dir or CACHE, image_column, caption_columns, download)
     else:
         raise DataError(f"unknown data source {source!r} (one of {', '.join(SOURCES)})")
     if problems:
@@ -498,7 +498,7 @@ def load_splits(source, data_dir, seed=0, strict=True, cache_dir=CACHE, image_ro
     return splits
 
 
-def splits_for(config, strict=None, cache_dir=CACHE):
+def splits_for(config, strict=None, cache_dir=None):
     """The splits a run's config names (its source, folder and data options)."""
     opts = config.get("data_options", {})
     return load_splits(config["data"], config["data_dir"], config["seed"],
