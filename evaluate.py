@@ -37,7 +37,7 @@ def caption_images(model, processor, tokenizer, images, batch_size=64, device="c
         pixels = processor(images=images[k:k + batch_size], return_tensors="pt")["pixel_values"].to(device)
         state = model.encode_images(pixel_values=pixels)
         ids = decode(model, state, tokenizer.eos_token_id, **decode_kwargs)
-        captions += [tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids]
+        captions += [" ".join(tokenizer.decode(t, skip_special_tokens=True).split()) for t in ids]
         tokens += sum(len(t) + 1 for t in ids)
     if stats is not None:
         stats.update(tokens=tokens, seconds=time.time() - t0)
@@ -63,8 +63,10 @@ def caption_metrics(predictions):
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    gts = {i: [{"caption": r} for r in p["references"]] for i, p in enumerate(predictions)}
-    res = {i: [{"caption": p["caption"]}] for i, p in enumerate(predictions)}
+    # one caption per line for the PTB tokenizer: no line breaks of any kind inside a caption
+    one_line = lambda text: " ".join(text.split())
+    gts = {i: [{"caption": one_line(r)} for r in p["references"]] for i, p in enumerate(predictions)}
+    res = {i: [{"caption": one_line(p["caption"])}] for i, p in enumerate(predictions)}
     java = shutil.which("java") is not None
     tokenize = PTBTokenizer().tokenize if java else plain_tokenize
     gts, res = tokenize(gts), tokenize(res)

@@ -39,7 +39,7 @@ CACHE = data.CACHE
 PRESETS = {
     # offline, CPU, minutes: the shapes dataset and the pretrained tiny stand-ins
     "demo": dict(data="shapes", data_dir=None, vision="demo", language="demo",
-                 epochs=3, batch_size=64, lr=1e-3, warmup=0.05, weight_decay=0.01, max_caption_tokens=32),
+                 epochs=5, batch_size=64, lr=1e-3, warmup=0.05, weight_decay=0.01, max_caption_tokens=32),
     # a GPU, bf16: the real backbones on Flickr8k's official splits
     "flickr8k": dict(data="flickr8k", data_dir="data/flickr8k", vision="openai/clip-vit-base-patch32",
                      language="Qwen/Qwen3-0.6B-Base", epochs=5, batch_size=64, lr=1e-4, warmup=0.03,

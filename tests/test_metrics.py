@@ -1,0 +1,224 @@
+"""Caption metrics: evaluate.caption_metrics is pycocoevalcap's COCO evaluation, with and without Java,
+and evaluate_run writes figures that the saved predictions reproduce.
+
+Each METEOR scorer starts a JVM (several seconds), so the tests share one where they can."""
+import json
+import shutil
+
+import pytest
+import torch
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor import meteor as meteor_module
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer import ptbtokenizer
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+import data
+import evaluate
+import train
+from captioner import decode
+from conftest import pixels_for
+
+METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr"]
+
+# six images, 2-5 references each; capitals, punctuation, contractions, possessives and hyphens,
+# where the PTB tokenizer and a plain word tokenizer disagree
+PREDICTIONS = [
+    {"image": "images/surf.jpg", "caption": "A man riding a wave on top of a surfboard.",
+     "references": ["A man riding a wave on a surfboard.", "A surfer rides a LARGE wave in the ocean!",
+                    "Man surfing on a big, blue wave."]},
+    {"image": "images/dogs.jpg", "caption": "Two dogs play in the snow",
+     "references": ["Two dogs are playing in the snow.", "A couple of dogs run through snow, chasing a ball.",
+                    "Dogs playing together in the SNOW", "two brown dogs in the snow",
+                    "Two dogs; one is jumping."]},
+    {"image": "images/kite.jpg", "caption": "A child's red kite flies over the beach.",
+     "references": ["A kid's kite flying high above a sandy beach.", "A red kite in the sky over the beach"]},
+    {"image": "images/umbrella.jpg", "caption": "A woman doesn't hold an umbrella!",
+     "references": ["A woman holds a pink umbrella in the rain.", "Woman with an umbrella, walking.",
+                    "A lady isn't getting wet: she's under an umbrella.", "A person holding an umbrella"]},
+    {"image": "images/cake.jpg", "caption": "a two-year-old eats cake at a party",
+     "references": ["A two-year-old boy eating birthday cake.", "A toddler eats cake at a birthday party!",
+                    "Little kid with cake on his face", "A small child enjoys a piece of cake."]},
+    {"image": "images/street.jpg", "caption": "Cars parked along a city street; it's raining.",
+     "references": ["Cars are parked on a wet city street.", "A rainy street with parked cars..."]},
+]
+
+
+def write_and_read(path, predictions):
+    """Round trip through a predictions file as evaluate.py saves it."""
+    data.write_jsonl(path, predictions)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    assert rows == predictions
+    return rows
+
+
+def as_coco(predictions):
+    gts = {p["image"]: [{"caption": r} for r in p["references"]] for p in predictions}
+    res = {p["image"]: [{"caption": p["caption"]}] for p in predictions}
+    return gts, res
+
+
+def direct_scores(gts, res, meteor=None):
+    """The scorers of pycocoevalcap called directly on tokenized {id: [str]} dicts."""
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores = {f"BLEU-{n + 1}": b for n, b in enumerate(bleu)}
+    scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+    scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    if meteor is not None:
+        scores["METEOR"] = meteor.compute_score(gts, res)[0]
+    return scores
+
+
+def assert_scores_equal(got, expected, keys):
+    for k in keys:
+        assert got[k] == pytest.approx(expected[k], abs=1e-6, rel=0), k
+
+
+@pytest.fixture(scope="module")
+def meteor():
+    """One METEOR scorer (one JVM) for the module."""
+    scorer = meteor_module.Meteor()
+    yield scorer
+
+
+@pytest.fixture
+def shared_meteor(monkeypatch, meteor):
+    """caption_metrics gets the module's METEOR scorer instead of starting a JVM of its own."""
+    monkeypatch.setattr(meteor_module, "Meteor", lambda: meteor)
+    return meteor
+
+
+def test_caption_metrics_are_the_coco_evaluation(tmp_path, shared_meteor):
+    assert shutil.which("java"), "this test needs Java (the PTB tokenizer and METEOR run on it)"
+    predictions = write_and_read(tmp_path / "predictions_test.jsonl", PREDICTIONS)
+    got = evaluate.caption_metrics(predictions)
+
+    gts, res = as_coco(predictions)
+    tokenizer = PTBTokenizer()
+    gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
+    # the PTB tokenizer lowercases and drops punctuation, and keeps every image on its own line
+    assert res["images/dogs.jpg"] == ["two dogs play in the snow"]
+    assert gts["images/street.jpg"] == ["cars are parked on a wet city street", "a rainy street with parked cars"]
+    expected = direct_scores(gts, res, shared_meteor)
+
+    assert set(got) == set(METRICS) | {"SPICE", "notes"}
+    assert_scores_equal(got, expected, METRICS)
+    assert all(isinstance(got[k], float) for k in METRICS)
+    # a set with something to score: neither all right nor all wrong
+    assert 0 < got["BLEU-4"] < got["BLEU-1"] < 1 and 0 < got["METEOR"] < 1 and 0 < got["CIDEr"]
+    assert got["SPICE"] is None
+    assert any("SPICE" in note for note in got["notes"])
+    assert not any("java" in note.lower() for note in got["notes"])
+
+
+def test_without_java_meteor_is_skipped_and_a_plain_tokenizer_is_used(tmp_path, monkeypatch):
+    predictions = write_and_read(tmp_path / "predictions_test.jsonl", PREDICTIONS)
+    gts, res = as_coco(predictions)
+    with_ptb = direct_scores(PTBTokenizer().tokenize(gts), PTBTokenizer().tokenize(res))
+
+    real_which = shutil.which
+    monkeypatch.setattr(evaluate.shutil, "which", lambda name, *a, **k: None if name == "java" else real_which(name))
+
+    def no_java(*args, **kwargs):
+        raise AssertionError("Java was started although it is missing")
+
+    monkeypatch.setattr(meteor_module, "Meteor", no_java)
+    monkeypatch.setattr(ptbtokenizer.PTBTokenizer, "tokenize", no_java)
+    got = evaluate.caption_metrics(predictions)
+
+    plain_gts, plain_res = evaluate.plain_tokenize(gts), evaluate.plain_tokenize(res)
+    # what the plain tokenizer does, by hand
+    assert plain_res["images/kite.jpg"] == ["a child s red kite flies over the beach"]
+    assert plain_res["images/cake.jpg"] == ["a two year old eats cake at a party"]
+    expected = direct_scores(plain_gts, plain_res)
+    keys = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE_L", "CIDEr"]
+    assert_scores_equal(got, expected, keys)
+    # ... and these inputs tell the two tokenizers apart, so the comparison above can fail
+    assert any(abs(with_ptb[k] - expected[k]) > 1e-6 for k in keys)
+
+    assert got["METEOR"] is None and got["SPICE"] is None
+    notes = " ".join(got["notes"]).lower()
+    assert "java" in notes and "meteor" in notes and "spice" in notes
+
+
+def test_line_breaks_inside_a_caption_do_not_shift_the_other_images(shared_meteor):
+    """The PTB tokenizer runs one caption per line: a caption holding a carriage return or a Unicode
+    line separator (a byte-level BPE model can generate one) must still score as the same words
+    with a space, and must not hand every later image another image's words."""
+    predictions = [dict(p) for p in PREDICTIONS]
+    predictions[1]["caption"] = "Two dogs\rplay in the snow"
+    predictions[2]["references"] = ["A kid's kite flying high\u2028above a sandy beach.",
+                                    "A red kite in the sky over the beach"]
+    got = evaluate.caption_metrics(predictions)
+
+    clean = [dict(p, caption=" ".join(p["caption"].split()), references=[" ".join(r.split()) for r in p["references"]])
+             for p in predictions]
+    assert clean[1]["caption"] == PREDICTIONS[1]["caption"]
+    gts, res = as_coco(clean)
+    expected = direct_scores(PTBTokenizer().tokenize(gts), PTBTokenizer().tokenize(res), shared_meteor)
+    assert_scores_equal(got, expected, METRICS)
+
+
+# -----------------------------------------------------------------------------
+# evaluate_run end to end on a tiny model
+
+@pytest.fixture(scope="module")
+def trained_model(make_model, splits):
+    """The tiny explained model after a couple of seconds of training on the shapes captions, so that
+    its captions are words that partly match the references (a random one writes control bytes)."""
+    model, processor, tokenizer, config = make_model("explained", seed=1)
+    records = splits["train"]
+    features = model.image_features(pixels_for(processor, records))
+    config = dict(config, batch_size=32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    n_rows = sum(len(r.captions) for r in records)
+    model.train()
+    for epoch in range(6):
+        order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(epoch)).tolist()
+        for batch in train.make_loader(records, features, processor, tokenizer, config, order, 0):
+            train.train_step(model, [batch], optimizer, scheduler, scaler, params, config)
+    return model.eval(), processor, tokenizer
+
+
+def test_evaluate_run_writes_figures_that_its_predictions_reproduce(trained_model, splits, tmp_path, shared_meteor):
+    model, processor, tokenizer = trained_model
+    figures = evaluate.evaluate_run(model, processor, tokenizer, splits, tmp_path, "test", "cpu", max_new_tokens=12)
+
+    saved = json.loads((tmp_path / "eval_test.json").read_text())
+    assert saved == json.loads(json.dumps(figures))
+    assert saved["split"] == "test" and saved["n_images"] == len(splits["test"])
+    for k in METRICS + ["attribute_accuracy", "blind_attribute_accuracy", "relation_accuracy", "exact_match"]:
+        assert isinstance(saved[k], (int, float)), k
+    assert saved["SPICE"] is None and any("SPICE" in n for n in saved["notes"])
+    assert "compositional" in saved
+
+    for split, nested in (("test", saved), ("compositional", saved["compositional"])):
+        path = tmp_path / f"predictions_{split}.jsonl"
+        predictions = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = splits[split]
+        assert [p["image"] for p in predictions] == [str(r.image) for r in records]
+        assert [p["references"] for p in predictions] == [r.captions for r in records]
+        assert nested["n_images"] == len(records)
+        # each caption is the model's greedy caption of that image
+        with torch.no_grad():
+            ids = decode(model, model.encode_images(pixel_values=pixels_for(processor, records)),
+                         tokenizer.eos_token_id, max_new_tokens=12)
+        assert [p["caption"] for p in predictions] == [tokenizer.decode(t, skip_special_tokens=True).strip()
+                                                      for t in ids]
+
+        # the figures are those of the saved predictions
+        assert_scores_equal(nested, evaluate.caption_metrics(predictions), METRICS)
+        assert nested["SPICE"] is None
+        attr = sum(data.parse_objects(p["caption"]) == data.scene_truth(r.meta)[0]
+                   for p, r in zip(predictions, records)) / len(records)
+        assert nested["attribute_accuracy"] == pytest.approx(attr)
+        assert nested["exact_match"] == pytest.approx(
+            sum(p["caption"] in p["references"] for p in predictions) / len(records))
+        assert 0 <= nested["blind_attribute_accuracy"] <= 1
+        # captions that differ between images and share words with the references: the check above can fail
+        assert len({p["caption"] for p in predictions}) >= 2
+        assert nested["BLEU-1"] > 0 and nested["METEOR"] > 0 and nested["CIDEr"] > 0
