@@ -28,8 +28,9 @@ def save(run_dir, model, optimizer, scheduler, scaler, progress, keep=2):
     """Write a checkpoint for `progress` ({"step", "epoch", "position", ...}) and keep the last `keep`."""
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{progress['step']:08d}"
+    for stale in root.glob("*.tmp"):  # left by a kill in the middle of a write
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f"{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(model.trainable_state_dict(), str(tmp / "model.safetensors"))
     names = {id(p): n for n, p in model.named_parameters()}

@@ -12,6 +12,7 @@ Every source yields Records: one image path with all of its reference captions
   hf:NAME   a Hugging Face dataset saved with save_to_disk (or a hub id, with --download)
 """
 import csv
+import io
 import json
 import os
 import random
@@ -216,7 +217,8 @@ def _to_rgb(im):
     """RGB from any mode: alpha composited on white, 16/32-bit grey scaled down, CMYK converted."""
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         a = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if a.max() > 255 else 255.0
+        # 16-bit modes say their range; plain 32-bit ones do not, so judge by the values
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
         im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if im.mode in ("P", "LA", "PA", "La"):
         im = im.convert("RGBA")
@@ -314,12 +316,16 @@ def read_jsonl_captions(path, problems):
 
 
 def read_csv_captions(path, problems):
-    lines = text_lines(path, problems)
-    reader = csv.DictReader(line for _, line in lines)
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text_lines(path, problems)  # names each undecodable line
+        return []
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # quoted fields may span lines
     if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
         problems.append(f"{path}:1: expected a header with the columns image,caption")
         return []
-    return [(row["image"], row["caption"], f"{path}:{lines[k + 1][0]}") for k, row in enumerate(reader)]
+    return [(row["image"], row["caption"], f"{path}:{reader.line_num}") for row in reader]
 
 
 def load_folder(root, problems):
@@ -556,6 +562,18 @@ class CaptionRows(torch.utils.data.Dataset):
 
 # -----------------------------------------------------------------------------
 # the frozen vision tower's features, computed once per image
+
+def decode_check(records):
+    """(records whose image fully decodes, [problem]); the cheap check at loading only reads headers."""
+    good, bad = [], []
+    for r in tqdm(records, desc="checking images", leave=False, unit="image"):
+        try:
+            read_image(r.image)
+            good.append(r)
+        except DataError as e:
+            bad.append(str(e))
+    return good, bad
+
 
 def compute_features(encode, processor, paths, batch_size=64, desc="image features"):
     """(features [N_good, P, D] fp16, [(index, problem)] of images that failed to decode).

@@ -98,8 +98,16 @@ def shapes_figures(records, captions):
 
 def evaluate_split(model, processor, tokenizer, records, device="cpu", batch_size=64, metrics=True,
                    **decode_kwargs):
-    """(figures, predictions) for a split; shapes data also gets the blind control."""
-    images = [data.read_image(r.image) for r in records]
+    """(figures, predictions) for a split; shapes data also gets the blind control.
+    An image that fails to decode is reported and left out of the figures."""
+    kept, images = [], []
+    for r in records:
+        try:
+            images.append(data.read_image(r.image))
+            kept.append(r)
+        except data.DataError as e:
+            print(f"left out of the evaluation: {e}")
+    records = kept
     stats = {}
     captions = caption_images(model, processor, tokenizer, images, batch_size, device, stats=stats, **decode_kwargs)
     predictions = [{"image": str(r.image), "caption": c, "references": r.captions}

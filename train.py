@@ -162,6 +162,18 @@ def cached_features(model, processor, config, records, device):
     return [records[i] for i in cached["kept"].tolist()], cached["features"]
 
 
+def decode_or_stop(records, config, split):
+    """Fully decode a split's images before training: stop on any failure, or with --skip-bad drop them."""
+    good, bad = data.decode_check(records)
+    if bad and config["data_options"]["strict"]:
+        listing = "\n".join(f"  {message}" for message in bad)
+        raise SystemExit(f"error: {len(bad)} image(s) of the {split} split failed to decode:\n{listing}\n"
+                         "Fix them, or pass --skip-bad to leave them out.")
+    for message in bad:
+        print(f"--skip-bad: left out {message}")
+    return good
+
+
 def make_loader(records, features, processor, tokenizer, config, order, workers):
     """Batches of caption rows, in `order` (a list of row indices; None = as stored)."""
     def collate(items):
@@ -175,8 +187,10 @@ def make_loader(records, features, processor, tokenizer, config, order, workers)
         return batch
 
     rows = data.CaptionRows(records, load_pixels=features is None)
+    # its own generator: worker seeds must not consume the global RNG, or a resumed run would drift
     return torch.utils.data.DataLoader(rows, batch_size=config["batch_size"], sampler=order, collate_fn=collate,
-                                       num_workers=workers, pin_memory=config["device"].startswith("cuda"))
+                                       num_workers=workers, pin_memory=config["device"].startswith("cuda"),
+                                       generator=torch.Generator().manual_seed(config.get("seed", 0)))
 
 
 def autocast(config):
@@ -375,6 +389,8 @@ def main(variant, argv=None):
             splits[s], features[s] = cached_features(model, processor, config, splits[s], device)
             if is_main:
                 barrier()
+    for s in [s for s in splits if features.get(s) is None]:  # decoded nowhere else before it is needed
+        splits[s] = decode_or_stop(splits[s], config, s)
     workers = args.workers if args.workers is not None else (4 if device.startswith("cuda") else 0)
     val_loader = make_loader(splits["val"], features["val"], processor, tokenizer, config, None, workers)
     n_rows = sum(len(r.captions) for r in splits["train"])

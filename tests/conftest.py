@@ -32,7 +32,8 @@ def duocap_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("duocap-cache")
     old = os.environ.get("DUOCAP_CACHE")
     os.environ["DUOCAP_CACHE"] = str(cache)
-    if "train" in sys.modules:  # train reads DUOCAP_CACHE when it is imported
+    data.CACHE = cache  # data and train read DUOCAP_CACHE when they are imported
+    if "train" in sys.modules:
         sys.modules["train"].CACHE = cache
     yield cache
     if old is None:
@@ -142,3 +143,82 @@ def batch_for(processor, tokenizer, records, max_tokens=MAX_CAPTION_TOKENS):
     input_ids, targets, mask = data.encode_captions(tokenizer, [r.captions[0] for r in records], max_tokens)
     return {"input_ids": input_ids, "targets": targets, "attention_mask": mask,
             "pixel_values": pixels_for(processor, records)}
+
+
+# -----------------------------------------------------------------------------
+# training / captioning scripts in fresh processes (test_bad_data, test_resume, test_sources)
+
+TRAIN_SCRIPTS = {"explained": "08_train_explained.py", "self_attention": "10_train_self_attention.py"}
+
+
+def script_env(cache, hide_java=False):
+    """One thread per process, the given feature cache; hide_java drops every PATH entry holding a
+    `java`, so the caption metrics use their plain fallback (seconds instead of JVM start-ups)."""
+    env = dict(os.environ, DUOCAP_CACHE=str(cache), PYTHONIOENCODING="utf-8", TOKENIZERS_PARALLELISM="false",
+               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if hide_java:
+        env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
+                                      if p and not (Path(p) / "java").exists())
+    return env
+
+
+class Script:
+    """A repository script running in the background. Output goes to temporary files, not
+    pipes, so a process that is polled (and never read) cannot block on a full pipe."""
+
+    def __init__(self, args, cache, hide_java=False):
+        import subprocess
+        import tempfile
+        self.args = [str(a) for a in args]
+        self.stdout, self.stderr = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        self.proc = subprocess.Popen([sys.executable, *self.args], cwd=REPO, env=script_env(cache, hide_java),
+                                     stdout=self.stdout, stderr=self.stderr)
+        self.result = None
+
+    def wait(self, timeout=300):
+        """(exit status, stdout, stderr), decoded as UTF-8."""
+        import subprocess
+        if self.result is None:
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                pytest.fail(f"{self.args} ran past {timeout}s")
+            outputs = []
+            for f in (self.stdout, self.stderr):
+                f.seek(0)
+                outputs.append(f.read().decode("utf-8", "replace"))
+                f.close()
+            self.result = (self.proc.returncode, *outputs)
+        return self.result
+
+    def ok(self, timeout=300):
+        """stdout + stderr of a run that must have exited 0."""
+        rc, stdout, stderr = self.wait(timeout)
+        assert rc == 0, f"{self.args} exited {rc}:\n{stdout[-3000:]}\n{stderr[-5000:]}"
+        return stdout + stderr
+
+
+class StartedRun:
+    """A training run started in the background by a session fixture; `path()` waits for it."""
+
+    def __init__(self, script, out):
+        self.script, self.out = script, out
+
+    def path(self):
+        self.script.ok()
+        return self.out
+
+
+@pytest.fixture(scope="session")
+def explained_run(vision_dir, language_dir, shapes_dir, duocap_cache, tmp_path_factory):
+    """A 2-step explained run on the tiny shapes data (no evaluation), started at once; .path() waits."""
+    out = tmp_path_factory.mktemp("explained-run") / "run"
+    script = Script([TRAIN_SCRIPTS["explained"], "--vision", vision_dir, "--language", language_dir, "--data", "shapes",
+                     "--data-dir", shapes_dir, "--max-steps", 2, "--batch-size", 4, "--no-eval", "--out", out],
+                    duocap_cache)
+    yield StartedRun(script, out)
+    if script.proc.poll() is None:
+        script.proc.kill()
+    script.wait()
