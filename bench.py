@@ -81,6 +81,13 @@ def load_backbones(size, random_init):
     return vision, processor, lm, tokenizer
 
 
+def cpu_name():
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -206,7 +213,7 @@ def main():
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     results.update(peak_memory_mb=peak_mb, mfu=mfu, peak_flops=peak, peak_flops_source=peak_source,
                    size=args.size, random_init=args.random_init, device=device,
-                   device_name=torch.cuda.get_device_name(device) if device.startswith("cuda") else platform.processor(),
+                   device_name=torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name(),
                    batch_size=batch_size, timed_steps=steps, precision=config["precision"],
                    versions={"torch": torch.__version__, "transformers": transformers.__version__,
                              "python": platform.python_version()})

@@ -155,7 +155,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    command = "python compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = " ".join(["python compare.py", *(argv if argv is not None else sys.argv[1:])])
 
     if args.runs:
         runs = {}

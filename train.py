@@ -146,12 +146,7 @@ def cached_features(model, processor, config, records, device):
     if not path.is_file():
         encode = lambda pixels: model.image_features(pixels.to(device))
         features, bad = data.compute_features(encode, processor, [r.image for r in records])
-        if bad and config["data_options"]["strict"]:
-            listing = "\n".join(f"  {message}" for _, message in bad)
-            raise SystemExit(f"error: {len(bad)} image(s) failed to decode:\n{listing}\n"
-                             "Fix them, or pass --skip-bad to leave them out.")
-        for _, message in bad:
-            print(f"--skip-bad: left out {message}")
+        stop_or_skip([message for _, message in bad], config)
         dropped = {i for i, _ in bad}
         kept = torch.tensor([i for i in range(len(records)) if i not in dropped], dtype=torch.long)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -162,15 +157,20 @@ def cached_features(model, processor, config, records, device):
     return [records[i] for i in cached["kept"].tolist()], cached["features"]
 
 
-def decode_or_stop(records, config, split):
-    """Fully decode a split's images before training: stop on any failure, or with --skip-bad drop them."""
-    good, bad = data.decode_check(records)
-    if bad and config["data_options"]["strict"]:
-        listing = "\n".join(f"  {message}" for message in bad)
-        raise SystemExit(f"error: {len(bad)} image(s) of the {split} split failed to decode:\n{listing}\n"
+def stop_or_skip(problems, config):
+    """Images that failed to decode: stop the run listing them all, or with --skip-bad say which are left out."""
+    if problems and config["data_options"]["strict"]:
+        listing = "\n".join(f"  {message}" for message in problems)
+        raise SystemExit(f"error: {len(problems)} image(s) failed to decode:\n{listing}\n"
                          "Fix them, or pass --skip-bad to leave them out.")
-    for message in bad:
+    for message in problems:
         print(f"--skip-bad: left out {message}")
+
+
+def decode_or_stop(records, config):
+    """Fully decode a split's images before training (the loaders only read headers)."""
+    good, bad = data.decode_check(records)
+    stop_or_skip(bad, config)
     return good
 
 
@@ -390,7 +390,7 @@ def main(variant, argv=None):
             if is_main:
                 barrier()
     for s in [s for s in splits if features.get(s) is None]:  # decoded nowhere else before it is needed
-        splits[s] = decode_or_stop(splits[s], config, s)
+        splits[s] = decode_or_stop(splits[s], config)
     workers = args.workers if args.workers is not None else (4 if device.startswith("cuda") else 0)
     val_loader = make_loader(splits["val"], features["val"], processor, tokenizer, config, None, workers)
     n_rows = sum(len(r.captions) for r in splits["train"])
