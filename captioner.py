@@ -12,6 +12,7 @@ The decoding protocol, used by generate.py, evaluation and the benchmarks:
     logits, cache = model.next_logits(state, ids)                   # prefill
     logits, cache = model.next_logits(state, ids, cache)            # one new token
 """
+import hashlib
 import json
 from pathlib import Path
 
@@ -51,6 +52,14 @@ class Captioner(nn.Module):
         for layer in layers[len(layers) - self.train_layers:] if self.train_layers else []:
             layer.requires_grad_(True)
         return self
+
+    def backbone_fingerprint(self):
+        """A short hash of frozen backbone weights: a checkpoint holds only the trainable
+        weights, so loading it onto other backbones of the same shape must be caught too."""
+        h = hashlib.sha256()
+        for t in (self.lm.get_input_embeddings().weight[:1024], self.vision.embeddings.patch_embedding.weight):
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def parameter_counts(self):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -137,7 +146,8 @@ def save_checkpoint(model, config, run_dir):
     run_dir.mkdir(parents=True, exist_ok=True)
     save_file(model.trainable_state_dict(), str(run_dir / "model.safetensors.tmp"))
     (run_dir / "model.safetensors.tmp").replace(run_dir / "model.safetensors")
-    (run_dir / "config.json").write_text(json.dumps({**config, "variant": model.variant}, indent=2))
+    config = {**config, "variant": model.variant, "backbone_fingerprint": model.backbone_fingerprint()}
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def read_config(run_dir):
@@ -272,4 +282,13 @@ def load_run(run_dir, variant=None):
         raise ValueError(f"{run_dir} holds a {config['variant']} checkpoint, not a {variant} one")
     model, processor, tokenizer = build_model(config)
     model.load_trainable(Path(run_dir) / "model.safetensors")
+    check_backbones(model, config, run_dir)
     return model.eval(), processor, tokenizer, config
+
+
+def check_backbones(model, config, run_dir):
+    expected = config.get("backbone_fingerprint")
+    if expected and expected != model.backbone_fingerprint():
+        raise ValueError(f"{run_dir} was trained on other backbone weights than {config['vision']} and "
+                         f"{config['language']} hold now (fingerprint {model.backbone_fingerprint()}, "
+                         f"expected {expected}): were the backbones rebuilt or replaced since training?")

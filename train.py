@@ -31,7 +31,7 @@ from transformers import get_cosine_schedule_with_warmup
 import backbones
 import data
 import checkpoints
-from captioner import build_model, read_config, save_checkpoint
+from captioner import build_model, check_backbones, read_config, save_checkpoint
 from evaluate import evaluate_run
 
 CACHE = data.CACHE
@@ -413,6 +413,7 @@ def main(variant, argv=None):
     if args.resume:
         last = checkpoints.latest(run_dir)
         progress = checkpoints.load(last, model, optimizer, scheduler, scaler)
+        check_backbones(model, config, run_dir)
         print(f"resumed from {last} (epoch {progress['epoch'] + 1}, step {progress['step']})")
     elif is_main:
         save_checkpoint(model, config, run_dir)  # config.json first: a run dir always says what it is

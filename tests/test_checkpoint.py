@@ -1,5 +1,7 @@
 """Checkpoints: safetensors + JSON, a faithful round trip, clear refusals."""
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +109,22 @@ def test_checkpoint_with_a_reshaped_tensor_is_refused(saved_runs, tmp_path):
 def test_missing_config_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_run(tmp_path)
+
+
+def test_backbones_of_the_same_shape_but_other_weights_are_refused(saved_runs, tmp_path):
+    """A checkpoint holds only trainable weights: a rebuilt backbone of the same shape must not pass silently."""
+    from transformers import CLIPVisionModel
+    _, _, run_dir = saved_runs["explained"]
+    saved = json.loads((run_dir / "config.json").read_text())
+    original = CLIPVisionModel.from_pretrained(saved["vision"])
+    torch.manual_seed(123)
+    other = tmp_path / "vision-reseeded"
+    CLIPVisionModel(original.config).save_pretrained(other)
+    shutil.copy(Path(saved["vision"]) / "preprocessor_config.json", other)
+    moved = tmp_path / "run"
+    moved.mkdir()
+    shutil.copy(run_dir / "model.safetensors", moved)
+    (moved / "config.json").write_text(json.dumps({**saved, "vision": str(other)}))
+    with pytest.raises(ValueError, match="other backbone weights"):
+        load_run(moved)
+    load_run(run_dir)  # the original pairing still loads
