@@ -194,7 +194,7 @@ def build_vision(out_dir, spec):
                                   return_tensors="pt")["pixel_values"] for k in range(0, len(scenes), 512)])
     targets = [torch.tensor(np.stack(t)) for t in zip(*(patch_targets(s, grid) for s in scenes))]
     H = cfg["hidden_size"]
-    heads = nn.ModuleList([nn.Linear(H, t.shape[-1]) for t in targets[:4]] + [nn.Linear(H, targets[4].shape[-1])])
+    heads = nn.ModuleList([nn.Linear(H, t.shape[-1]) for t in targets])  # 4 per patch, 1 on the mean
     params = list(vision.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, hp["lr"], total_steps=hp["steps"], pct_start=0.1)
