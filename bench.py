@@ -116,7 +116,9 @@ def bench_training(model, records, features, processor, tokenizer, config, steps
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cuda", enabled=config["precision"] == "fp16")
-    order = torch.randperm(sum(len(r.captions) for r in records), generator=torch.Generator().manual_seed(0))
+    rows = sum(len(r.captions) for r in records)
+    passes = -(-(steps + 3) * config["batch_size"] // rows)  # enough passes over the rows for every step
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(0)).repeat(passes)
     loader = train.make_loader(records, features, processor, tokenizer, config, order.tolist(), workers)
     batches = iter(loader)
     model.train()

@@ -49,7 +49,9 @@ class Captioner(nn.Module):
         self.vision.requires_grad_(False)
         self.lm.requires_grad_(False)
         layers = self.lm.model.layers
-        for layer in layers[len(layers) - self.train_layers:] if self.train_layers else []:
+        if not 0 <= self.train_layers <= len(layers):
+            raise ValueError(f"--train-layers {self.train_layers}: the language model has {len(layers)} layers")
+        for layer in layers[len(layers) - self.train_layers:]:
             layer.requires_grad_(True)
         return self
 
@@ -147,7 +149,8 @@ def save_checkpoint(model, config, run_dir):
     save_file(model.trainable_state_dict(), str(run_dir / "model.safetensors.tmp"))
     (run_dir / "model.safetensors.tmp").replace(run_dir / "model.safetensors")
     config = {**config, "variant": model.variant, "backbone_fingerprint": model.backbone_fingerprint()}
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (run_dir / "config.json.tmp").write_text(json.dumps(config, indent=2))
+    (run_dir / "config.json.tmp").replace(run_dir / "config.json")
 
 
 def read_config(run_dir):
@@ -185,6 +188,8 @@ def decode(model, state, eos_id, max_new_tokens=30, strategy="greedy", top_k=50,
     batch needs no left padding; a finished row keeps being fed EOS and its
     later tokens are dropped. Returns a list of token id lists (EOS excluded).
     stop_at_eos=False always runs max_new_tokens steps (for benchmarks)."""
+    # a learned position table (self-attention) bounds how long a caption can get
+    max_new_tokens = min(max_new_tokens, getattr(model, "max_text_tokens", max_new_tokens))
     if strategy == "beam":
         return beam_search(model, state, eos_id, beams, max_new_tokens, length_penalty, use_cache)
     B = batch_size_of(state)

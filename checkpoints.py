@@ -25,7 +25,8 @@ def checkpoint_dirs(run_dir):
 
 
 def save(run_dir, model, optimizer, scheduler, scaler, progress, keep=2):
-    """Write a checkpoint for `progress` ({"step", "epoch", "position", ...}) and keep the last `keep`."""
+    """Write a checkpoint for `progress` ({"step", "epoch", "position", ...}) and keep the last `keep` (>= 1)."""
+    keep = max(keep, 1)
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{progress['step']:08d}"
     for stale in root.glob("*.tmp"):  # left by a kill in the middle of a write
@@ -43,9 +44,8 @@ def save(run_dir, model, optimizer, scheduler, scaler, progress, keep=2):
                 else:
                     scalars[f"{names[id(p)]}.{key}"] = value
     tensors["rng.torch"] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
+    if torch.cuda.is_initialized():  # this process's own GPU only; never start CUDA for a CPU run
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     py_state = random.getstate()
     np_state = np.random.get_state()
@@ -84,16 +84,16 @@ def load(path, model, optimizer, scheduler, scaler):
     for key, value in tensors.items():
         if key.startswith("state."):
             name, _, field = key[len("state."):].rpartition(".")
-            optimizer.state[params[name]][field] = value.to(params[name].device)
+            # AdamW keeps its step count on the CPU (unless fused); the moments live with the parameter
+            optimizer.state[params[name]][field] = value if field == "step" else value.to(params[name].device)
     for key, value in state["optimizer_scalars"].items():
         name, _, field = key.rpartition(".")
         optimizer.state[params[name]][field] = value
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(tensors["rng.torch"])
-    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
+    if "rng.cuda" in tensors and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
     version, internal, gauss = state["rng_python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, *rest = state["rng_numpy"]

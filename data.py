@@ -368,19 +368,23 @@ def load_flickr8k(root, problems):
     require([token_file, image_dir] + [root / f for f in split_files.values()], f"Flickr8k under {root}",
             "Put the images in Flicker8k_Dataset/ (the official, misspelled name) and Flickr8k.token.txt and "
             "the Flickr_8k.*Images.txt split files beside it, or pass --data-dir")
-    rows = []
+    names = {split: [line.strip() for _, line in text_lines(root / f, problems)] for split, f in split_files.items()}
+    in_a_split = {n for split_names in names.values() for n in split_names}
+    rows, outside = [], set()
     for n, line in text_lines(token_file, problems):
         key, sep, caption = line.partition("\t")
         if not sep or "#" not in key:
             problems.append(f"{token_file}:{n}: expected '<image>.jpg#<n><TAB><caption>'")
             continue
-        rows.append((key.split("#")[0], caption, f"{token_file}:{n}"))
+        name = key.split("#")[0]
+        if name in in_a_split:
+            rows.append((name, caption, f"{token_file}:{n}"))
+        else:  # the official file names one image (2258277193_586949ec62.jpg.1) that no split uses
+            outside.add(name)
+    if outside:
+        print(f"{token_file}: captions of {len(outside)} image(s) in no split file are not used")
     by_name = {r.image.name: r for r in group_captions(image_dir, rows, problems)}
-    splits = {}
-    for split, fname in split_files.items():
-        names = [line.strip() for _, line in text_lines(root / fname, problems)]
-        splits[split] = [by_name[n] for n in names if n in by_name]
-    return splits
+    return {split: [by_name[n] for n in split_names if n in by_name] for split, split_names in names.items()}
 
 
 def load_karpathy(root, problems, image_root=None, restval="train"):
@@ -496,6 +500,12 @@ def load_splits(source, data_dir, seed=0, strict=True, cache_dir=None, image_roo
         print(f"{len(problems)} problem(s) in the {source} data; --skip-bad leaves them out:\n{listing}")
     if set(splits) == {"all"}:
         splits = split_by_image(splits["all"], seed)
+    if "train" not in splits:
+        raise DataError(f"the {source} data at {data_dir} has no train split (it has {', '.join(splits)})")
+    if "val" not in splits:  # e.g. a Hugging Face dataset with train and test only
+        held = split_by_image(splits["train"], seed, val_fraction=0.05, test_fraction=0.0)
+        splits.update(train=held["train"], val=held["val"])
+        print(f"no val split: {len(held['val'])} training images (5%, seed {seed}) held out for validation")
     seen = {}
     for split, records in splits.items():
         for r in records:

@@ -28,6 +28,7 @@ import data
 from captioner import decode, load_run
 
 
+@torch.no_grad()
 def caption_images(model, processor, tokenizer, images, batch_size=64, device="cpu", desc="captioning",
                    stats=None, **decode_kwargs):
     """Captions (strings) for a list of PIL images, batched and KV-cached by default.

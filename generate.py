@@ -1,7 +1,7 @@
 """
 Caption images with a trained checkpoint; prints path<TAB>caption per image.
 
-    python generate.py --checkpoint RUN_DIR images/ photo.jpg ... [--strategy greedy]
+    python generate.py --checkpoint RUN_DIR images/ photo.jpg ... [--strategy top-k|top-p|greedy|beam]
 
 The variant is read from the checkpoint. Decoding is batched and uses Qwen's KV
 cache, with the image side computed once per image; --no-kv-cache recomputes

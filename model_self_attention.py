@@ -21,6 +21,7 @@ class SelfAttentionCaptioner(Captioner):
         vc = vision.config
         self.n_image_tokens = (vc.image_size // vc.patch_size) ** 2
         # sized to what can occur: every patch plus [BOS] + the longest caption
+        self.max_text_tokens = max_text_tokens
         self.positions = nn.Embedding(self.n_image_tokens + max_text_tokens, H)
         nn.init.normal_(self.positions.weight, std=self.token_rms)
         self.input_norm = nn.LayerNorm(H)

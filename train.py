@@ -143,10 +143,12 @@ def cached_features(model, processor, config, records, device):
         st = os.stat(r.image)
         h.update(f"{r.image}|{st.st_size}|{st.st_mtime_ns}".encode())
     path = CACHE / "features" / f"{h.hexdigest()[:20]}-v2.safetensors"
+    bad_now = False
     if not path.is_file():
         encode = lambda pixels: model.image_features(pixels.to(device))
         features, bad = data.compute_features(encode, processor, [r.image for r in records])
         stop_or_skip([message for _, message in bad], config)
+        bad_now = True
         dropped = {i for i, _ in bad}
         kept = torch.tensor([i for i in range(len(records)) if i not in dropped], dtype=torch.long)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +156,12 @@ def cached_features(model, processor, config, records, device):
         save_file({"features": features, "kept": kept}, tmp)
         os.replace(tmp, path)
     cached = load_file(str(path))
-    return [records[i] for i in cached["kept"].tolist()], cached["features"]
+    kept = cached["kept"].tolist()
+    left_out = sorted(set(range(len(records))) - set(kept))
+    if left_out and not bad_now:  # built by an earlier --skip-bad run: a strict run must still stop
+        stop_or_skip([f"{records[i].image}: failed to decode when the feature cache was built" for i in left_out],
+                     config)
+    return [records[i] for i in kept], cached["features"]
 
 
 def stop_or_skip(problems, config):
@@ -174,19 +181,28 @@ def decode_or_stop(records, config):
     return good
 
 
-def make_loader(records, features, processor, tokenizer, config, order, workers):
-    """Batches of caption rows, in `order` (a list of row indices; None = as stored)."""
-    def collate(items):
+class Collate:
+    """Caption rows -> a batch: token ids and targets, and cached features or pixels.
+    A class rather than a closure, so that DataLoader workers can be spawned too."""
+
+    def __init__(self, tokenizer, processor, features, max_tokens):
+        self.tokenizer, self.processor, self.features, self.max_tokens = tokenizer, processor, features, max_tokens
+
+    def __call__(self, items):
         idx, images, captions = zip(*items)
-        input_ids, targets, mask = data.encode_captions(tokenizer, captions, config["max_caption_tokens"])
+        input_ids, targets, mask = data.encode_captions(self.tokenizer, captions, self.max_tokens)
         batch = {"input_ids": input_ids, "targets": targets, "attention_mask": mask}
-        if features is not None:
-            batch["features"] = features[list(idx)]
+        if self.features is not None:
+            batch["features"] = self.features[list(idx)]
         else:
-            batch["pixel_values"] = processor(images=list(images), return_tensors="pt")["pixel_values"]
+            batch["pixel_values"] = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
         return batch
 
+
+def make_loader(records, features, processor, tokenizer, config, order, workers):
+    """Batches of caption rows, in `order` (a list of row indices; None = as stored)."""
     rows = data.CaptionRows(records, load_pixels=features is None)
+    collate = Collate(tokenizer, processor, features, config["max_caption_tokens"])
     # its own generator: worker seeds must not consume the global RNG, or a resumed run would drift
     return torch.utils.data.DataLoader(rows, batch_size=config["batch_size"], sampler=order, collate_fn=collate,
                                        num_workers=workers, pin_memory=config["device"].startswith("cuda"),
@@ -292,8 +308,12 @@ class StopRequest:
 
     def __init__(self):
         self.signal = None
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self.handle)
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def close(self):
+        """Give Ctrl-C back its usual meaning (evaluation after training is not checkpointed)."""
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def handle(self, signum, frame):
         if self.signal is not None and signum == signal.SIGINT:
@@ -370,10 +390,14 @@ def main(variant, argv=None):
     seed_everything(config["seed"])
     device = config["device"]
 
+    if not is_main:
+        barrier()  # rank 0 reads the data first (a Hugging Face dataset is written out to files once)
     try:
         splits = data.splits_for(config)
     except data.DataError as e:
         raise SystemExit(f"error: {e}") from None
+    if is_main:
+        barrier()
     print(f"data ({config['data']} at {config['data_dir']}): {data.describe_splits(splits)}")
     model, processor, tokenizer = build_model(config)
     model.to(device)
@@ -409,10 +433,13 @@ def main(variant, argv=None):
     optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config["warmup"] * total_steps), total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=config["precision"] == "fp16")
-    progress = {"step": 0, "epoch": 0, "position": 0, "time_s": 0.0, "skipped_steps": 0}
+    progress = {"step": 0, "epoch": 0, "position": 0, "time_s": 0.0, "skipped_steps": 0, "global_batch": global_batch}
     if args.resume:
         last = checkpoints.latest(run_dir)
         progress = checkpoints.load(last, model, optimizer, scheduler, scaler)
+        if progress.get("global_batch", global_batch) != global_batch:
+            raise SystemExit(f"error: {last} was saved with a global batch of {progress['global_batch']}, this run "
+                             f"has {global_batch}; resume with the same number of ranks and --grad-accum")
         check_backbones(model, config, run_dir)
         print(f"resumed from {last} (epoch {progress['epoch'] + 1}, step {progress['step']})")
     elif is_main:
@@ -485,6 +512,7 @@ def main(variant, argv=None):
             save_checkpoint(model, config, run_dir)
         save_state()
     train_time = time.time() - t_start
+    stop.close()
     log.close()
     if not is_main:
         dist.destroy_process_group()
@@ -493,7 +521,7 @@ def main(variant, argv=None):
     print(f"trained {step} steps in {train_time:.0f}s ({train_time / max(step, 1):.3f} s/step)")
     summary = {"variant": variant, "trainable_params": trainable, "total_params": total, "steps": step,
                "skipped_steps": progress["skipped_steps"], "train_time_s": train_time,
-               "s_per_step": train_time / max(step, 1), "train_samples_per_s": step * config["batch_size"] / train_time,
+               "s_per_step": train_time / max(step, 1), "train_samples_per_s": step * global_batch / train_time,
                "final_train_loss": loss.item(), "final_val_loss": val}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 

@@ -224,3 +224,28 @@ def test_shapes_figures_on_hand_built_records():
     # images without pairs: relation accuracy is 0, not a division by zero
     singles = shapes_figures([records[0], records[3]], [captions[0], "a large orange triangle"])
     assert singles == {"attribute_accuracy": 1.0, "relation_accuracy": 0.0, "exact_match": 1.0}
+
+
+def test_a_dataset_without_a_val_split_holds_some_training_images_out(folder_dataset, tmp_path):
+    root, names = folder_dataset
+    shutil.copytree(root, tmp_path / "d")
+    (tmp_path / "d" / "splits.json").write_text(json.dumps({"train": names[:-2], "test": names[-2:]}))
+    splits = data.load_splits("folder", tmp_path / "d", seed=0)
+    assert len(splits["val"]) >= 1 and len(splits["train"]) + len(splits["val"]) == len(names) - 2
+    assert not {r.image for r in splits["val"]} & {r.image for r in splits["train"]}
+
+
+def test_flickr8k_captions_of_images_in_no_split_are_ignored(tmp_path, capsys):
+    """The official token file names one image that no split uses and that does not exist."""
+    from PIL import Image
+    (tmp_path / "Flicker8k_Dataset").mkdir()
+    names = [f"{i}.jpg" for i in range(3)]
+    for n in names:
+        Image.new("RGB", (8, 8)).save(tmp_path / "Flicker8k_Dataset" / n)
+    lines = [f"{n}#{k}\ta caption {k} of {n}" for n in names for k in range(2)] + ["gone.jpg.1#0\tno image"]
+    (tmp_path / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+    for f, n in (("train", names[0]), ("dev", names[1]), ("test", names[2])):
+        (tmp_path / f"Flickr_8k.{f}Images.txt").write_text(n + "\n")
+    splits = data.load_splits("flickr8k", tmp_path)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [1, 1, 1]
+    assert "1 image(s) in no split file are not used" in capsys.readouterr().out

@@ -184,3 +184,19 @@ def test_features_and_pixels_give_the_same_loss(make_model, splits, variant):
     torch.testing.assert_close(from_features, from_pixels, rtol=0, atol=1e-5)
     torch.testing.assert_close(from_fp16, from_pixels, rtol=0, atol=1e-2)
     assert not torch.isclose(other_image, from_pixels, atol=1e-4), "the loss must depend on the image"
+
+
+def test_more_train_layers_than_the_model_has_is_refused(make_model):
+    with pytest.raises(ValueError, match="has 2 layers"):
+        make_model("explained", train_layers=3)
+
+
+def test_decoding_stops_at_the_end_of_the_position_table(make_model, splits, tokenizer):
+    """A short position table bounds the caption instead of crashing the evaluation after training."""
+    from captioner import decode
+    model, processor, _, _ = make_model("self_attention", max_caption_tokens=4)
+    state = model.encode_images(pixel_values=pixels_for(processor, splits["test"][:3]))
+    eos = tokenizer.eos_token_id
+    out = decode(model, state, eos, max_new_tokens=30, stop_at_eos=False)  # would need 30 text positions
+    assert len(out) == 3
+    assert max(len(t) for t in out) <= model.max_text_tokens == 5
