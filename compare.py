@@ -23,7 +23,7 @@ import torch
 
 import data
 import train
-from captioner import decode, load_run
+from captioner import decode, load_run, read_config
 from evaluate import evaluate_run
 
 NAMES = {"explained": "cross-attention", "self_attention": "self-attention"}
@@ -116,7 +116,7 @@ def fmt(v):
     return str(v)
 
 
-def write_report(runs, evals, out, command):
+def write_report(runs, evals, out, command, trained_here):
     variants = list(runs)
     summaries = {v: json.loads((runs[v] / "summary.json").read_text()) for v in variants}
     rows = []
@@ -131,8 +131,9 @@ def write_report(runs, evals, out, command):
               "final_train_loss", "final_val_loss"):
         rows.append((k, [summaries[v][k] for v in variants]))
     lines = ["# Cross-attention vs self-attention", "",
-             f"Produced by `{command}`; split `{evals[variants[0]]['split']}`, greedy decoding, "
-             "the same data, seed and training budget for both.", "",
+             f"Produced by `{command}`; split `{evals[variants[0]]['split']}`, greedy decoding"
+             + (", the same data, seed and training budget for both." if trained_here else
+                "; the runs were trained elsewhere: check their config.json for data, seed and budget."), "",
              "| metric | " + " | ".join(NAMES[v] for v in variants) + " |",
              "|---|" + "---|" * len(variants)]
     lines += [f"| {k} | " + " | ".join(fmt(x) for x in vals) + " |" for k, vals in rows]
@@ -160,7 +161,7 @@ def main(argv=None):
     if args.runs:
         runs = {}
         for run_dir in map(Path, args.runs):
-            runs[json.loads((run_dir / "config.json").read_text())["variant"]] = run_dir
+            runs[read_config(run_dir)["variant"]] = run_dir
         if len(runs) != 2:
             raise SystemExit("--runs needs one run of each variant")
     else:
@@ -179,7 +180,7 @@ def main(argv=None):
     plot_losses(runs, out / "loss_curves.png")
     plot_samples(predictions, out / "samples.png")
     plot_attention(runs, splits[args.split][:3], out / "attention.png")
-    print(write_report(runs, evals, out, command))
+    print(write_report(runs, evals, out, command, trained_here=not args.runs))
     print(f"comparison written to {out}")
 
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 import data
@@ -31,15 +32,16 @@ from captioner import decode, load_run
 @torch.no_grad()
 def caption_images(model, processor, tokenizer, images, batch_size=64, device="cpu", desc="captioning",
                    stats=None, **decode_kwargs):
-    """Captions (strings) for a list of PIL images, batched and KV-cached by default.
-    A `stats` dict gets the number of tokens generated (EOS included) and the seconds taken."""
+    """Captions (strings) for a list of PIL images or image paths, batched and KV-cached by default.
+    A `stats` dict gets the number of tokens generated (EOS included when emitted) and the seconds taken."""
     captions, tokens, t0 = [], 0, time.time()
     for k in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, unit="batch"):
-        pixels = processor(images=images[k:k + batch_size], return_tensors="pt")["pixel_values"].to(device)
+        batch = [im if isinstance(im, Image.Image) else data.read_image(im) for im in images[k:k + batch_size]]
+        pixels = processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
         state = model.encode_images(pixel_values=pixels)
         ids = decode(model, state, tokenizer.eos_token_id, **decode_kwargs)
         captions += [" ".join(tokenizer.decode(t, skip_special_tokens=True).split()) for t in ids]
-        tokens += sum(len(t) + 1 for t in ids)
+        tokens += sum(len(t) + (len(t) < decode_kwargs.get("max_new_tokens", 30)) for t in ids)
     if stats is not None:
         stats.update(tokens=tokens, seconds=time.time() - t0)
     return captions
@@ -101,14 +103,10 @@ def evaluate_split(model, processor, tokenizer, records, device="cpu", batch_siz
                    **decode_kwargs):
     """(figures, predictions) for a split; shapes data also gets the blind control.
     An image that fails to decode is reported and left out of the figures."""
-    kept, images = [], []
-    for r in records:
-        try:
-            images.append(data.read_image(r.image))
-            kept.append(r)
-        except data.DataError as e:
-            print(f"left out of the evaluation: {e}")
-    records = kept
+    records, bad = data.decode_check(records)
+    for message in bad:
+        print(f"left out of the evaluation: {message}")
+    images = [r.image for r in records]  # decoded a batch at a time: a whole split may not fit in memory
     stats = {}
     captions = caption_images(model, processor, tokenizer, images, batch_size, device, stats=stats, **decode_kwargs)
     predictions = [{"image": str(r.image), "caption": c, "references": r.captions}

@@ -262,22 +262,27 @@ def report_long_captions(tokenizer, records, max_tokens):
 
 @torch.no_grad()
 def validation_loss(model, loader, config):
+    """Mean cross-entropy per caption token over the whole split, as the training loss is."""
     model.eval()
-    total = n = 0
+    total = tokens = 0
     for batch in loader:
         batch = {k: v.to(config["device"], non_blocking=True) for k, v in batch.items()}
         with autocast(config):
-            total += model(**batch).item() * len(batch["input_ids"])
-        n += len(batch["input_ids"])
+            total += model(**batch, reduction="sum").item()
+        tokens += (batch["targets"] != -100).sum().item()
     model.train()
-    return total / max(n, 1)
+    return total / max(tokens, 1)
 
 
 class MetricsLog:
     """metrics.jsonl, one JSON object a line; mirrored to Weights & Biases on request."""
 
-    def __init__(self, path, config, use_wandb, append=False, enabled=True):
-        self.file = open(path, "a" if append else "w") if enabled else None
+    def __init__(self, path, config, use_wandb, resume_step=None, enabled=True):
+        if enabled and resume_step is not None and Path(path).is_file():  # steps after the checkpoint run again
+            rows = [line for line in Path(path).read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            Path(path).write_text("".join(row + "\n" for row in rows))
+        self.file = open(path, "a" if resume_step is not None else "w") if enabled else None
         self.wandb = None
         if use_wandb and enabled:
             try:
@@ -444,7 +449,8 @@ def main(variant, argv=None):
         print(f"resumed from {last} (epoch {progress['epoch'] + 1}, step {progress['step']})")
     elif is_main:
         save_checkpoint(model, config, run_dir)  # config.json first: a run dir always says what it is
-    log = MetricsLog(run_dir / "metrics.jsonl", config, args.wandb, append=bool(args.resume), enabled=is_main)
+    log = MetricsLog(run_dir / "metrics.jsonl", config, args.wandb, progress["step"] if args.resume else None,
+                     enabled=is_main)
     stop = StopRequest()
     trainer = model
     if world > 1:
