@@ -372,6 +372,16 @@ def barrier():
         dist.barrier()
 
 
+@contextlib.contextmanager
+def main_rank_first(is_main):
+    """Rank 0 does the work first (building the demo, writing caches); the others then find it done."""
+    if not is_main:
+        barrier()
+    yield
+    if is_main:
+        barrier()
+
+
 def main(variant, argv=None):
     args = parse_args(variant, argv)
     rank, world, rank_device = init_distributed()
@@ -383,26 +393,21 @@ def main(variant, argv=None):
             raise SystemExit(f"error: {run_dir} holds a {config['variant']} run, not a {variant} one; "
                              f"resume it with its own script")
     else:
-        if not is_main:
-            barrier()  # rank 0 builds the demo data and backbones once
-        config = run_config(variant, args)
-        if is_main:
-            barrier()
+        with main_rank_first(is_main):  # the demo data and backbones are built once
+            config = run_config(variant, args)
+        config["grad_accum"] = args.grad_accum
         run_dir = Path(args.out or f"runs/{variant}-{args.preset}")
     config["device"] = rank_device or config["device"]
-    config["world_size"], config["grad_accum"] = world, args.grad_accum if not args.resume else config["grad_accum"]
+    config["world_size"] = world
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config["seed"])
     device = config["device"]
 
-    if not is_main:
-        barrier()  # rank 0 reads the data first (a Hugging Face dataset is written out to files once)
-    try:
-        splits = data.splits_for(config)
-    except data.DataError as e:
-        raise SystemExit(f"error: {e}") from None
-    if is_main:
-        barrier()
+    with main_rank_first(is_main):  # a Hugging Face dataset is written out to files once
+        try:
+            splits = data.splits_for(config)
+        except data.DataError as e:
+            raise SystemExit(f"error: {e}") from None
     print(f"data ({config['data']} at {config['data_dir']}): {data.describe_splits(splits)}")
     model, processor, tokenizer = build_model(config)
     model.to(device)
@@ -413,11 +418,8 @@ def main(variant, argv=None):
     features = {"train": None, "val": None}
     if not args.no_feature_cache:
         for s in features:
-            if not is_main:
-                barrier()  # rank 0 builds the feature cache once; the others then read it
-            splits[s], features[s] = cached_features(model, processor, config, splits[s], device)
-            if is_main:
-                barrier()
+            with main_rank_first(is_main):  # the feature cache is built once; the others read it
+                splits[s], features[s] = cached_features(model, processor, config, splits[s], device)
     for s in [s for s in splits if features.get(s) is None]:  # decoded nowhere else before it is needed
         splits[s] = decode_or_stop(splits[s], config)
     workers = args.workers if args.workers is not None else (4 if device.startswith("cuda") else 0)
