@@ -300,19 +300,26 @@ def group_captions(root, rows, problems):
     return records
 
 
-def read_jsonl_captions(path, problems):
-    rows = []
+def jsonl_objects(path, problems, keys):
+    """[(line number, object)] of a JSON-lines file whose objects have a string "image" and `keys`;
+    any other line is reported."""
+    out = []
     for n, line in text_lines(path, problems):
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             problems.append(f"{path}:{n}: not valid JSON ({e.msg})")
             continue
-        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or "caption" not in row:
-            problems.append(f'{path}:{n}: expected {{"image": "...", "caption": "..."}}')
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not all(k in row for k in keys):
+            fields = ", ".join(f'"{k}": "..."' for k in ["image", *keys])
+            problems.append(f"{path}:{n}: expected {{{fields}}}")
             continue
-        rows.append((row["image"], row["caption"], f"{path}:{n}"))
-    return rows
+        out.append((n, row))
+    return out
+
+
+def read_jsonl_captions(path, problems):
+    return [(row["image"], row["caption"], f"{path}:{n}") for n, row in jsonl_objects(path, problems, ["caption"])]
 
 
 def read_csv_captions(path, problems):
@@ -328,14 +335,27 @@ def read_csv_captions(path, problems):
     return [(row["image"], row["caption"], f"{path}:{reader.line_num}") for row in reader]
 
 
+def read_split_names(path):
+    """{split: [image name]} from splits.json; a file of any other shape is a DataError."""
+    try:
+        named = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not (isinstance(named, dict) and all(isinstance(v, list) and all(isinstance(n, str) for n in v)
+                                            for v in named.values())):
+        raise DataError(f'{path}: expected {{"train": ["image name", ...], "val": [...], "test": [...]}}')
+    return named
+
+
 def load_folder(root, problems):
-    """Images + captions.jsonl (or captions.csv); splits.json, when present, names the splits."""
+    """Images + captions.jsonl (or captions.csv); splits.json, when present, names the splits,
+    and metadata.jsonl, when present, adds facts about each image (the shapes data's scenes)."""
     root = Path(root)
     jsonl, csv_file = root / "captions.jsonl", root / "captions.csv"
     if jsonl.is_file():
-        rows = read_jsonl_captions(jsonl, problems)
+        captions_file, rows = jsonl, read_jsonl_captions(jsonl, problems)
     elif csv_file.is_file():
-        rows = read_csv_captions(csv_file, problems)
+        captions_file, rows = csv_file, read_csv_captions(csv_file, problems)
     else:
         raise DataError(f"{root}: no captions.jsonl or captions.csv here. A folder dataset is images plus "
                         'captions.jsonl with one {"image": "relative/path.jpg", "caption": "..."} per line, '
@@ -343,14 +363,21 @@ def load_folder(root, problems):
     records = group_captions(root, rows, problems)
     meta_file = root / "metadata.jsonl"
     if meta_file.is_file():
-        meta = {m["image"]: m for m in map(json.loads, meta_file.read_text().splitlines())}
+        meta = {row["image"]: row for _, row in jsonl_objects(meta_file, problems, [])}
         for r in records:
             r.meta = meta.get(str(r.image.relative_to(root)), {})
     splits_file = root / "splits.json"
     if not splits_file.is_file():
         return {"all": records}
+    named = read_split_names(splits_file)
+    captioned = {name for name, _, _ in rows}
+    for split, names in named.items():
+        problems += [f"{splits_file}: {n} (in {split}) has no caption in {captions_file}"
+                     for n in names if n not in captioned]
+    unused = captioned - {n for names in named.values() for n in names}
+    if unused:
+        print(f"{captions_file}: captions of {len(unused)} image(s) in no split of {splits_file} are not used")
     by_name = {str(r.image.relative_to(root)): r for r in records}
-    named = json.loads(splits_file.read_text())
     return {split: [by_name[n] for n in names if n in by_name] for split, names in named.items()}
 
 
@@ -383,6 +410,9 @@ def load_flickr8k(root, problems):
             outside.add(name)
     if outside:
         print(f"{token_file}: captions of {len(outside)} image(s) in no split file are not used")
+    captioned = {name for name, _, _ in rows}
+    for split, f in split_files.items():
+        problems += [f"{root / f}: {n} has no caption in {token_file}" for n in names[split] if n not in captioned]
     by_name = {r.image.name: r for r in group_captions(image_dir, rows, problems)}
     return {split: [by_name[n] for n in split_names if n in by_name] for split, split_names in names.items()}
 

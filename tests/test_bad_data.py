@@ -176,6 +176,52 @@ def test_folder_jsonl_problem_is_named_and_can_be_left_out(kind, tmp_path, capsy
     assert "1 problem(s)" in printed and str(tmp_path / bad.file) in printed
 
 
+def three_splits(names):
+    return {"train": names[:6], "val": names[6:8], "test": names[8:]}
+
+
+def test_folder_split_naming_an_image_without_captions_is_named(tmp_path):
+    named = three_splits([f"g{i:02d}.png" for i in range(N_GOOD)])
+    good, _ = write_jsonl_dataset(tmp_path, [], splits={**named, "train": named["train"] + ["ghost.png"]})
+    with pytest.raises(data.DataError) as e:
+        data.load_splits("folder", tmp_path)
+    expected = f"{tmp_path / 'splits.json'}: ghost.png (in train) has no caption in {tmp_path / 'captions.jsonl'}"
+    assert expected in str(e.value), str(e.value)
+    splits = data.load_splits("folder", tmp_path, strict=False)
+    assert {k: [r.image.name for r in v] for k, v in splits.items()} == named
+    assert all_records(splits) == good
+
+
+def test_folder_captions_in_no_split_are_counted(tmp_path, capsys):
+    names = [f"g{i:02d}.png" for i in range(N_GOOD)]
+    write_jsonl_dataset(tmp_path, [], splits=three_splits(names[:-1]))
+    splits = data.load_splits("folder", tmp_path)
+    assert names[-1] not in all_records(splits)
+    assert "captions of 1 image(s) in no split" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("text, description", [('{"train": ["g00.png", ', "not valid JSON"),
+                                               ('["g00.png", "g01.png"]', 'expected {"train"'),
+                                               ('{"train": "g00.png"}', 'expected {"train"')])
+def test_folder_splits_file_of_the_wrong_shape_is_named(tmp_path, text, description):
+    write_jsonl_dataset(tmp_path, [])
+    (tmp_path / "splits.json").write_text(text)
+    with pytest.raises(data.DataError, match=re.escape(f"{tmp_path / 'splits.json'}: {description}")):
+        data.load_splits("folder", tmp_path, strict=False)
+
+
+def test_folder_metadata_line_problem_is_named(tmp_path):
+    good, _ = write_jsonl_dataset(tmp_path, [])
+    lines = [json.dumps({"image": name, "objects": 1}) for name in good]
+    lines[1] = '{"objects": 2}'
+    (tmp_path / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(data.DataError) as e:
+        data.load_splits("folder", tmp_path)
+    assert f"{tmp_path / 'metadata.jsonl'}:2: expected " in str(e.value), str(e.value)
+    records = [r for split in data.load_splits("folder", tmp_path, strict=False).values() for r in split]
+    assert sorted(r.meta.get("objects", 0) for r in records) == [0] + [1] * (N_GOOD - 1)
+
+
 def write_csv_dataset(root, header, bad_row=None):
     good = write_good_images(root)
     rows = [header] + [f'{name},"{c}"' for name, caps in good.items() for c in caps]
@@ -264,6 +310,17 @@ def test_flickr8k_token_problem_is_named_with_its_line(kind, tmp_path):
     splits = data.load_splits("flickr8k", tmp_path, strict=False)
     assert {k: [r.image.name for r in v] for k, v in splits.items()} == split_names
     assert all_records(splits) == good
+
+
+def test_flickr8k_split_naming_an_image_without_captions_is_named(tmp_path):
+    good, split_names = write_flickr8k(tmp_path)
+    dev = tmp_path / "Flickr_8k.devImages.txt"
+    dev.write_text(dev.read_text() + "ghost.jpg\n")
+    with pytest.raises(data.DataError) as e:
+        data.load_splits("flickr8k", tmp_path)
+    assert f"{dev}: ghost.jpg has no caption in {tmp_path / 'Flickr8k.token.txt'}" in str(e.value), str(e.value)
+    splits = data.load_splits("flickr8k", tmp_path, strict=False)
+    assert {k: [r.image.name for r in v] for k, v in splits.items()} == split_names
 
 
 # -----------------------------------------------------------------------------
