@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 import bench
 import data
@@ -244,3 +245,19 @@ def test_bench_peak_flops_on_cpu():
     peak, source = bench.peak_flops("cpu")
     assert isinstance(peak, float) and peak > 0
     assert isinstance(source, str) and "matmul" in source
+
+
+def test_bench_mid_images_are_photo_sized_jpegs_with_their_captions(tmp_path):
+    records = bench.mid_records(tmp_path, 3)
+    for r in records:
+        with Image.open(r.image) as im:
+            assert (im.format, im.size) == ("JPEG", (500, 375))
+        # a flat drawing would code to under 10 KB and decode in a fraction of a photo's time
+        assert r.image.stat().st_size > 80_000
+        objects = data.parse_objects(r.captions[0])
+        assert len(r.captions) == 5 and 1 <= len(objects) <= 2
+    # written once: a second call reads the same files and gives the same captions
+    stamps = [r.image.stat().st_mtime_ns for r in records]
+    again = bench.mid_records(tmp_path, 3)
+    assert [r.captions for r in again] == [r.captions for r in records]
+    assert [r.image.stat().st_mtime_ns for r in again] == stamps
