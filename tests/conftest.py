@@ -175,6 +175,26 @@ class Script:
                                      stdout=self.stdout, stderr=self.stderr)
         self.result = None
 
+    def kill_tree(self, sig):
+        """Signal the script and every process below it at once (torchrun starts its ranks in
+        sessions of their own, so a process group would not reach them)."""
+        children = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:  # the fields after the command name, which is in parentheses: state, parent pid, ...
+                parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:  # it exited while we looked
+                continue
+            children.setdefault(parent, []).append(int(stat.parent.name))
+        tree, k = [self.proc.pid], 0
+        while k < len(tree):
+            tree += children.get(tree[k], [])
+            k += 1
+        for pid in tree:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
     def wait(self, timeout=300):
         """(exit status, stdout, stderr), decoded as UTF-8."""
         import subprocess

@@ -1,14 +1,18 @@
 """Data-parallel training under torchrun (gloo on CPU) and gradient accumulation update the
-weights exactly as one process with the same global batch and data order."""
+weights exactly as one process with the same global batch and data order, and a torchrun
+job killed mid-run resumes under torchrun to the uninterrupted weights."""
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, Script
 
 COMMON = ["--epochs", "1", "--max-steps", "3", "--no-eval", "--save-every", "0"]
 
@@ -80,3 +84,46 @@ def test_epoch_order_shards_the_global_batch():
         assert global_rows == from_ranks
     assert train.epoch_order(100, 3, 1, 5, 8) == one
     assert train.epoch_order(100, 3, 2, 5, 8) != one
+
+
+# -----------------------------------------------------------------------------
+# a torchrun job killed mid-run (every rank and the launcher at once, as when a node
+# is lost) and resumed under torchrun
+
+RESUME_STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def ddp_resume(vision_dir, language_dir, shapes_dir, duocap_cache, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp-resume")
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "08_train_explained.py"]
+    args = ["--vision", vision_dir, "--language", language_dir, "--data", "shapes", "--data-dir", shapes_dir,
+            "--batch-size", 4, "--epochs", 1, "--max-steps", RESUME_STEPS, "--save-every", 3, "--no-eval"]
+    cache = duocap_cache / "ddp-resume"
+    full = Script([*torchrun, *args, "--out", root / "full"], cache)
+    killed = Script([*torchrun, *args, "--out", root / "killed"], cache)
+    deadline = time.time() + 240
+    while killed.proc.poll() is None and not list((root / "killed").glob("checkpoints/step-*[0-9]")):
+        assert time.time() < deadline, "the run to kill never wrote a checkpoint"
+        time.sleep(0.005)
+    if killed.proc.poll() is None:
+        killed.kill_tree(signal.SIGKILL)
+    outputs = {"full": full.wait(), "killed": killed.wait()}
+    if outputs["killed"][0] == -signal.SIGKILL:
+        outputs["resumed"] = Script([*torchrun, "--resume", root / "killed", "--no-eval"], cache).wait()
+    return root, outputs
+
+
+def test_torchrun_killed_mid_run_resumes_under_torchrun_to_the_uninterrupted_weights(ddp_resume):
+    root, outputs = ddp_resume
+    assert outputs["full"][0] == 0, outputs["full"][1][-3000:] + outputs["full"][2][-3000:]
+    assert outputs["killed"][0] == -signal.SIGKILL, "the run finished before it could be killed"
+    rc, stdout, stderr = outputs["resumed"]
+    assert rc == 0, stdout[-3000:] + stderr[-3000:]
+    resumed_from = re.search(r"resumed from \S+ \(epoch 1, step (\d+)\)", stdout)
+    assert resumed_from and 3 <= int(resumed_from.group(1)) < RESUME_STEPS, stdout[-2000:]
+    for run in ("full", "killed"):
+        summary = (root / run / "summary.json").read_text()
+        assert f'"steps": {RESUME_STEPS}' in summary, summary
+    full, resumed = (load_file(str(root / run / "model.safetensors")) for run in ("full", "killed"))
+    assert max_difference(full, resumed) < 1e-6
