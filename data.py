@@ -347,6 +347,21 @@ def read_split_names(path):
     return named
 
 
+def check_split_names(rows, named, split_files, captions_file, problems):
+    """Each split ({split: [image name]}, read from split_files[split]) against the caption
+    rows: a named image with no caption is a problem, captioned images that no split names
+    are counted. Returns the names in some split."""
+    in_a_split = {n for names in named.values() for n in names}
+    captioned = {name for name, _, _ in rows}
+    for split, names in named.items():
+        problems += [f"{split_files[split]}: {n} (in {split}) has no caption in {captions_file}"
+                     for n in names if n not in captioned]
+    unused = captioned - in_a_split
+    if unused:
+        print(f"{captions_file}: captions of {len(unused)} image(s) in no split file are not used")
+    return in_a_split
+
+
 def load_folder(root, problems):
     """Images + captions.jsonl (or captions.csv); splits.json, when present, names the splits,
     and metadata.jsonl, when present, adds facts about each image (the shapes data's scenes)."""
@@ -360,23 +375,18 @@ def load_folder(root, problems):
         raise DataError(f"{root}: no captions.jsonl or captions.csv here. A folder dataset is images plus "
                         'captions.jsonl with one {"image": "relative/path.jpg", "caption": "..."} per line, '
                         "or captions.csv with the columns image,caption")
+    splits_file = root / "splits.json"
+    named = read_split_names(splits_file) if splits_file.is_file() else None
+    if named is not None:
+        check_split_names(rows, named, dict.fromkeys(named, splits_file), captions_file, problems)
     records = group_captions(root, rows, problems)
     meta_file = root / "metadata.jsonl"
     if meta_file.is_file():
         meta = {row["image"]: row for _, row in jsonl_objects(meta_file, problems, [])}
         for r in records:
             r.meta = meta.get(str(r.image.relative_to(root)), {})
-    splits_file = root / "splits.json"
-    if not splits_file.is_file():
+    if named is None:
         return {"all": records}
-    named = read_split_names(splits_file)
-    captioned = {name for name, _, _ in rows}
-    for split, names in named.items():
-        problems += [f"{splits_file}: {n} (in {split}) has no caption in {captions_file}"
-                     for n in names if n not in captioned]
-    unused = captioned - {n for names in named.values() for n in names}
-    if unused:
-        print(f"{captions_file}: captions of {len(unused)} image(s) in no split of {splits_file} are not used")
     by_name = {str(r.image.relative_to(root)): r for r in records}
     return {split: [by_name[n] for n in names if n in by_name] for split, names in named.items()}
 
@@ -396,23 +406,17 @@ def load_flickr8k(root, problems):
             "Put the images in Flicker8k_Dataset/ (the official, misspelled name) and Flickr8k.token.txt and "
             "the Flickr_8k.*Images.txt split files beside it, or pass --data-dir")
     names = {split: [line.strip() for _, line in text_lines(root / f, problems)] for split, f in split_files.items()}
-    in_a_split = {n for split_names in names.values() for n in split_names}
-    rows, outside = [], set()
+    rows = []
     for n, line in text_lines(token_file, problems):
         key, sep, caption = line.partition("\t")
         if not sep or "#" not in key:
             problems.append(f"{token_file}:{n}: expected '<image>.jpg#<n><TAB><caption>'")
             continue
-        name = key.split("#")[0]
-        if name in in_a_split:
-            rows.append((name, caption, f"{token_file}:{n}"))
-        else:  # the official file names one image (2258277193_586949ec62.jpg.1) that no split uses
-            outside.add(name)
-    if outside:
-        print(f"{token_file}: captions of {len(outside)} image(s) in no split file are not used")
-    captioned = {name for name, _, _ in rows}
-    for split, f in split_files.items():
-        problems += [f"{root / f}: {n} has no caption in {token_file}" for n in names[split] if n not in captioned]
+        rows.append((key.split("#")[0], caption, f"{token_file}:{n}"))
+    in_a_split = check_split_names(rows, names, {s: root / f for s, f in split_files.items()}, token_file, problems)
+    # the official token file names one image (2258277193_586949ec62.jpg.1) that no split uses
+    # and that is not on disk: left out before its file is checked
+    rows = [row for row in rows if row[0] in in_a_split]
     by_name = {r.image.name: r for r in group_captions(image_dir, rows, problems)}
     return {split: [by_name[n] for n in split_names if n in by_name] for split, split_names in names.items()}
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -142,26 +143,21 @@ def cached_features(model, processor, config, records, device):
     for r in records:
         st = os.stat(r.image)
         h.update(f"{r.image}|{st.st_size}|{st.st_mtime_ns}".encode())
-    path = CACHE / "features" / f"{h.hexdigest()[:20]}-v2.safetensors"
-    bad_now = False
+    path = CACHE / "features" / f"{h.hexdigest()[:20]}-v3.safetensors"
     if not path.is_file():
         encode = lambda pixels: model.image_features(pixels.to(device))
         features, bad = data.compute_features(encode, processor, [r.image for r in records])
-        stop_or_skip([message for _, message in bad], config)
-        bad_now = True
         dropped = {i for i, _ in bad}
         kept = torch.tensor([i for i in range(len(records)) if i not in dropped], dtype=torch.long)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"  # runs sharing the cache may build the same file at once
-        save_file({"features": features, "kept": kept}, tmp)
+        # the decoding failures are kept with the features, so that every later run (a strict
+        # one after a --skip-bad one included) reports them without decoding again
+        save_file({"features": features, "kept": kept}, tmp, metadata={"failed": json.dumps([m for _, m in bad])})
         os.replace(tmp, path)
-    cached = load_file(str(path))
-    kept = cached["kept"].tolist()
-    left_out = sorted(set(range(len(records))) - set(kept))
-    if left_out and not bad_now:  # built by an earlier --skip-bad run: a strict run must still stop
-        stop_or_skip([f"{records[i].image}: failed to decode when the feature cache was built" for i in left_out],
-                     config)
-    return [records[i] for i in kept], cached["features"]
+    with safe_open(str(path), "pt") as cached:
+        stop_or_skip(json.loads(cached.metadata()["failed"]), config)
+        return [records[i] for i in cached.get_tensor("kept").tolist()], cached.get_tensor("features")
 
 
 def stop_or_skip(problems, config):

@@ -318,7 +318,7 @@ def test_flickr8k_split_naming_an_image_without_captions_is_named(tmp_path):
     dev.write_text(dev.read_text() + "ghost.jpg\n")
     with pytest.raises(data.DataError) as e:
         data.load_splits("flickr8k", tmp_path)
-    assert f"{dev}: ghost.jpg has no caption in {tmp_path / 'Flickr8k.token.txt'}" in str(e.value), str(e.value)
+    assert f"{dev}: ghost.jpg (in val) has no caption in {tmp_path / 'Flickr8k.token.txt'}" in str(e.value), str(e.value)
     splits = data.load_splits("flickr8k", tmp_path, strict=False)
     assert {k: [r.image.name for r in v] for k, v in splits.items()} == split_names
 
@@ -374,6 +374,30 @@ def test_feature_cache_stops_on_or_leaves_out_truncated_images(truncated_dataset
         assert features.shape[0] == len(kept)
         printed = capsys.readouterr().out
         assert printed.count("--skip-bad: left out") == 2 and "cut.png" in printed and "cut.jpg" in printed
+
+
+def test_a_strict_run_stops_on_a_feature_cache_built_with_skip_bad(truncated_dataset, make_config, tmp_path,
+                                                                   monkeypatch):
+    import train
+    monkeypatch.setattr(train, "CACHE", tmp_path / "own-cache")
+    from captioner import build_model
+    root, good = truncated_dataset
+    records = [r for split in data.load_splits("folder", root).values() for r in split]
+    config = make_config("explained")
+    model, processor, _ = build_model(config)
+    config["data_options"] = {**config["data_options"], "strict": False}
+    kept, _ = train.cached_features(model, processor, config, records, "cpu")
+    assert sorted(r.image.name for r in kept) == sorted(good)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the cache was rebuilt")
+    monkeypatch.setattr(data, "compute_features", no_decoding)
+    config["data_options"] = {**config["data_options"], "strict": True}
+    with pytest.raises(SystemExit) as e:
+        train.cached_features(model, processor, config, records, "cpu")
+    message = str(e.value.code)
+    assert "2 image(s) failed to decode" in message and "truncated" in message
+    assert str(root / "cut.png") in message and str(root / "cut.jpg") in message
 
 
 # -----------------------------------------------------------------------------
