@@ -34,10 +34,12 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, 
 
 import backbones
 import data
+import demo
+import features
+import shapes
 import train
-from captioner import decode
-from model_explained import ExplainedCaptioner
-from model_self_attention import SelfAttentionCaptioner
+from decoding import decode
+from runs import VARIANTS
 
 # bf16 dense peaks (FLOP/s) of common training GPUs, from their vendors' data sheets
 GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
@@ -62,22 +64,21 @@ def mid_records(root, n):
     under-state what the feature cache saves."""
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
-    pairs = [(c, s) for c in data.COLOURS for s in data.SHAPES]
+    pairs = [(c, s) for c in shapes.COLOURS for s in shapes.SHAPES]
     records = []
     for i in range(n):
-        scene, path = data.sample_scene(rng, pairs), root / f"{i:04d}.jpg"
+        scene, path = shapes.sample_scene(rng, pairs), root / f"{i:04d}.jpg"
         if not path.is_file():
             grain = np.random.default_rng(i).normal(0, MID_GRAIN, (375, 500, 3))
-            pixels = np.asarray(data.render_scene(scene).resize((500, 375), Image.BICUBIC), dtype=np.float64)
+            pixels = np.asarray(shapes.render_scene(scene).resize((500, 375), Image.BICUBIC), dtype=np.float64)
             Image.fromarray((pixels * 0.75 + 32 + grain).clip(0, 255).astype(np.uint8)).save(path, quality=90)
-        records.append(data.Record(path, data.describe(scene)))
+        records.append(data.Record(path, shapes.describe(scene)))
     return records
 
 
 def load_backbones(size, random_init):
     """(vision, processor, lm, tokenizer) for a benchmark size."""
-    cache = train.CACHE
-    vision_dir, language_dir = backbones.demo_backbones(cache, backbones.demo_shapes(cache))
+    vision_dir, language_dir = demo.demo_backbones(data.cache_root(), demo.demo_shapes(data.cache_root()))
     lm, tokenizer = backbones.load_language(language_dir)
     vision, processor = backbones.load_vision(vision_dir)
     if size == "flickr8k":
@@ -132,7 +133,9 @@ def bench_training(model, records, features, processor, tokenizer, config, steps
     rows = sum(len(r.captions) for r in records)
     passes = -(-(steps + 3) * config["batch_size"] // rows)  # enough passes over the rows for every step
     order = torch.randperm(rows, generator=torch.Generator().manual_seed(0)).repeat(passes)
-    loader = train.make_loader(records, features, processor, tokenizer, config, order.tolist(), workers)
+    loader = data.make_loader(records, features, processor, tokenizer, batch_size=config["batch_size"],
+                              max_tokens=config["max_caption_tokens"], order=order.tolist(), workers=workers,
+                              pin_memory=config["device"].startswith("cuda"))
     batches = iter(loader)
     model.train()
     for _ in range(2):
@@ -195,9 +198,9 @@ def main():
     torch.manual_seed(0)
     vision, processor, lm, tokenizer = load_backbones(args.size, args.random_init)
     if args.size == "demo":
-        records = data.load_splits("shapes", backbones.demo_shapes(train.CACHE))["train"][:256]
+        records = data.load_splits("shapes", demo.demo_shapes(data.cache_root()))["train"][:256]
     else:
-        records = mid_records(train.CACHE / f"bench-mid-grain{MID_GRAIN}", 256)
+        records = mid_records(data.cache_root() / f"bench-mid-grain{MID_GRAIN}", 256)
     config = {"device": device, "batch_size": batch_size, "max_caption_tokens": 32,
               "precision": "bf16" if device.startswith("cuda") else "fp32"}
     peak, peak_source = peak_flops(device)
@@ -206,17 +209,17 @@ def main():
 
     results = {"train_samples_per_s": {}, "train_flops_per_step": {}}
     mfu = {}
-    for cls in (ExplainedCaptioner, SelfAttentionCaptioner):
+    for cls in VARIANTS.values():
         model = cls(vision, lm).freeze().to(device)
-        encode = lambda px: model.image_features(px.to(device))
-        features, _ = data.compute_features(encode, processor, [r.image for r in records])
-        warm, flops = bench_training(model, records, features, processor, tokenizer, config, steps, workers)
+        cached, _ = features.compute_features(lambda px, m=model: m.image_features(px.to(device)), processor,
+                                              [r.image for r in records])
+        warm, flops = bench_training(model, records, cached, processor, tokenizer, config, steps, workers)
         off, _ = bench_training(model, records, None, processor, tokenizer, config, steps, workers)
         results["train_samples_per_s"][cls.variant] = {"cache_warm": warm, "cache_off": off,
                                                        "ratio": warm / off}
         results["train_flops_per_step"][cls.variant] = flops
         mfu[cls.variant] = flops * warm / batch_size / peak
-        if cls is ExplainedCaptioner:
+        if cls.variant == "explained":
             images = [data.read_image(r.image) for r in records[:n_images]]
             batched, single, same = bench_generation(model, processor, tokenizer, images, device, new_tokens)
             results["generate_tokens_per_s"] = {"batched_kv": batched, "single_no_kv": single,

@@ -1,25 +1,25 @@
 """
 What both fusion variants share: the frozen vision tower, the image adapter,
-the modality embedding, which parameters train, checkpoints, and decoding.
+the modality embedding, which parameters train, the loss, the decoding protocol
+and the trainable weights.
 
 A variant subclasses Captioner and says how text ids become Qwen's
 inputs_embeds given the encoded image (`embed`), and how many positions the
-image occupies in Qwen's sequence (`prefix_len`). Everything else (the loss,
-the KV-cached decoding protocol, checkpoints) is written once, here.
+image occupies in Qwen's sequence (`prefix_len`). Everything else is written
+once, here.
 
-The decoding protocol, used by generate.py, evaluation and the benchmarks:
+The decoding protocol, used by decoding.py (and through it generate.py,
+evaluation, the app and the benchmarks):
     state = model.encode_images(pixel_values=... | features=...)   # once per image
     logits, cache = model.next_logits(state, ids)                   # prefill
     logits, cache = model.next_logits(state, ids, cache)            # one new token
 """
 import hashlib
-import json
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 
 class Captioner(nn.Module):
@@ -140,160 +140,3 @@ class Captioner(nn.Module):
                 raise ValueError(f"{path}: {n} has shape {tuple(t.shape)} but this model's is "
                                  f"{tuple(own[n].shape)}: the checkpoint was trained on another backbone")
         self.load_state_dict(weights, strict=False)
-
-
-def save_checkpoint(model, config, run_dir):
-    """Trainable weights as safetensors, everything needed to rebuild the model as JSON."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_file(model.trainable_state_dict(), str(run_dir / "model.safetensors.tmp"))
-    (run_dir / "model.safetensors.tmp").replace(run_dir / "model.safetensors")
-    config = {**config, "variant": model.variant, "backbone_fingerprint": model.backbone_fingerprint()}
-    (run_dir / "config.json.tmp").write_text(json.dumps(config, indent=2))
-    (run_dir / "config.json.tmp").replace(run_dir / "config.json")
-
-
-def read_config(run_dir):
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no config.json; is this a run directory written by training?")
-    return json.loads(path.read_text())
-
-
-def index_state(state, index):
-    """Select (or reorder) the rows of an encoded image batch."""
-    if isinstance(state, tuple):
-        return tuple(s[index] for s in state)
-    return state[index]
-
-
-def batch_size_of(state):
-    return (state[0] if isinstance(state, tuple) else state).shape[0]
-
-
-def device_of(state):
-    return (state[0] if isinstance(state, tuple) else state).device
-
-
-def strip_eos(rows, eos_id):
-    return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
-
-
-@torch.no_grad()
-def decode(model, state, eos_id, max_new_tokens=30, strategy="greedy", top_k=50, top_p=0.9,
-           temperature=1.0, use_cache=True, generator=None, beams=4, length_penalty=1.0, stop_at_eos=True):
-    """Generate up to max_new_tokens for each image of an encoded batch.
-
-    Every caption starts from the same one-token prompt ([BOS] = EOS), so the
-    batch needs no left padding; a finished row keeps being fed EOS and its
-    later tokens are dropped. Returns a list of token id lists (EOS excluded).
-    stop_at_eos=False always runs max_new_tokens steps (for benchmarks)."""
-    # a learned position table (self-attention) bounds how long a caption can get
-    max_new_tokens = min(max_new_tokens, getattr(model, "max_text_tokens", max_new_tokens))
-    if strategy == "beam":
-        return beam_search(model, state, eos_id, beams, max_new_tokens, length_penalty, use_cache)
-    B = batch_size_of(state)
-    ids = torch.full((B, 1), eos_id, dtype=torch.long, device=device_of(state))
-    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
-    cache = None
-    for _ in range(max_new_tokens):
-        logits, cache = model.next_logits(state, ids, cache, use_cache)
-        token = pick_token(logits, strategy, top_k, top_p, temperature, generator)
-        if stop_at_eos:
-            token = token.masked_fill(done, eos_id)
-            done |= token == eos_id
-        ids = torch.cat([ids, token[:, None]], 1)
-        if done.all():
-            break
-    return strip_eos(ids[:, 1:].tolist(), eos_id)
-
-
-@torch.no_grad()
-def beam_search(model, state, eos_id, beams=4, max_new_tokens=30, length_penalty=1.0, use_cache=True):
-    """Keep the `beams` most probable captions of each image; return the best by
-    log-probability / length**length_penalty. A finished beam only extends with
-    EOS at no cost, so it keeps competing with the unfinished ones. With a cache,
-    the cache rows are reordered along with the beams, never recomputed."""
-    B, N = batch_size_of(state), beams
-    state = index_state(state, torch.arange(B, device=device_of(state)).repeat_interleave(N))
-    ids = torch.full((B * N, 1), eos_id, dtype=torch.long, device=device_of(state))
-    scores = torch.full((B, N), float("-inf"), device=ids.device)
-    scores[:, 0] = 0  # all beams start identical: only the first one may expand
-    lengths = torch.zeros(B * N, device=ids.device)
-    done = torch.zeros(B * N, dtype=torch.bool, device=ids.device)
-    cache = None
-    for _ in range(max_new_tokens):
-        logits, cache = model.next_logits(state, ids, cache, use_cache)
-        logprobs = logits.log_softmax(-1)
-        finished_row = torch.full_like(logprobs[0], float("-inf"))
-        finished_row[eos_id] = 0
-        logprobs[done] = finished_row
-        V = logprobs.shape[-1]
-        candidates = (scores.view(B * N, 1) + logprobs).view(B, N * V)
-        scores, flat = candidates.topk(N, -1)
-        origin = (flat // V + torch.arange(B, device=ids.device)[:, None] * N).view(-1)
-        token = (flat % V).view(-1)
-        lengths = lengths[origin] + ~done[origin]
-        done = done[origin] | (token == eos_id)
-        ids = torch.cat([ids[origin], token[:, None]], 1)
-        if cache is not None:
-            cache.reorder_cache(origin)
-        if done.all():
-            break
-    final = scores.view(-1) / lengths.clamp(min=1) ** length_penalty
-    best = final.view(B, N).argmax(-1) + torch.arange(B, device=ids.device) * N
-    return strip_eos(ids[best, 1:].tolist(), eos_id)
-
-
-def pick_token(logits, strategy, top_k, top_p, temperature, generator):
-    if strategy == "greedy":
-        return logits.argmax(-1)
-    logits = logits / max(temperature, 1e-6)
-    if strategy == "top-k":
-        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    elif strategy == "top-p":
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    else:
-        raise ValueError(f"unknown strategy {strategy!r} (greedy, top-k, top-p, beam)")
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
-def build_model(config):
-    """A fresh model of the variant and backbones that a run's config names."""
-    import backbones
-    from model_explained import ExplainedCaptioner
-    from model_self_attention import SelfAttentionCaptioner
-    vision, processor = backbones.load_vision(config["vision"])
-    lm, tokenizer = backbones.load_language(config["language"])
-    if config["variant"] == "explained":
-        model = ExplainedCaptioner(vision, lm, config["train_layers"], config["cross_attention_heads"])
-    elif config["variant"] == "self_attention":
-        model = SelfAttentionCaptioner(vision, lm, config["train_layers"], config["max_caption_tokens"] + 1)
-    else:
-        raise ValueError(f"unknown variant {config['variant']!r} (explained or self_attention)")
-    return model.freeze(), processor, tokenizer
-
-
-def load_run(run_dir, variant=None):
-    """(model, processor, tokenizer, config) from a run directory; the weights are trusted
-    to be data only (safetensors), and a checkpoint of the other variant is refused."""
-    config = read_config(run_dir)
-    if variant is not None and config["variant"] != variant:
-        raise ValueError(f"{run_dir} holds a {config['variant']} checkpoint, not a {variant} one")
-    model, processor, tokenizer = build_model(config)
-    model.load_trainable(Path(run_dir) / "model.safetensors")
-    check_backbones(model, config, run_dir)
-    return model.eval(), processor, tokenizer, config
-
-
-def check_backbones(model, config, run_dir):
-    expected = config.get("backbone_fingerprint")
-    if expected and expected != model.backbone_fingerprint():
-        raise ValueError(f"{run_dir} was trained on other backbone weights than {config['vision']} and "
-                         f"{config['language']} hold now (fingerprint {model.backbone_fingerprint()}, "
-                         f"expected {expected}): were the backbones rebuilt or replaced since training?")

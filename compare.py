@@ -23,10 +23,11 @@ import torch
 
 import data
 import train
-from captioner import decode, load_run, read_config
+from decoding import decode
 from evaluate import evaluate_run
+from runs import LABELS as NAMES
+from runs import load_run, read_config
 
-NAMES = {"explained": "cross-attention", "self_attention": "self-attention"}
 COLOURS = {"explained": "tab:blue", "self_attention": "tab:orange"}
 
 

@@ -16,19 +16,20 @@ import io
 import json
 import os
 import random
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 
-# where generated data, demo backbones, feature caches and materialised datasets live
-CACHE = Path(os.environ.get("DUOCAP_CACHE", Path(__file__).resolve().parent / ".cache"))
+def cache_root():
+    """Where generated data, demo backbones, feature caches and materialised datasets live.
+    Read at each call, so that DUOCAP_CACHE set by a test or a parent process is honoured."""
+    return Path(os.environ.get("DUOCAP_CACHE", Path(__file__).resolve().parent / ".cache"))
 
 
 @dataclass
@@ -40,170 +41,6 @@ class Record:
 
 class DataError(ValueError):
     """Bad or missing input data; the message names the file and the problem."""
-
-
-# -----------------------------------------------------------------------------
-# the shapes world: 6 colours x 4 shapes x 2 sizes, one object or a pair
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220),
-           "yellow": (235, 205, 0), "purple": (140, 40, 170), "orange": (245, 130, 0)}
-SHAPES = ["circle", "square", "triangle", "cross"]
-SIZES = {"small": 7, "large": 12}  # radius in pixels on a 64x64 canvas
-RELATIONS = {"to the left of": "to the right of", "to the right of": "to the left of",
-             "above": "below", "below": "above"}
-# (colour, shape) pairs never drawn in train/val: the compositional test holds them
-HELD_OUT = {("red", "triangle"), ("blue", "cross"), ("green", "circle"), ("yellow", "square")}
-CANVAS = 64
-
-
-def draw_object(draw, shape, cx, cy, r, fill):
-    if shape == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "square":
-        s = r * 0.85
-        draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx - r, cy + r * 0.8), (cx + r, cy + r * 0.8)], fill=fill)
-    elif shape == "cross":
-        w = r * 0.38
-        draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
-        draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
-
-
-def sample_object(rng, allowed_pairs):
-    colour, shape = allowed_pairs[rng.randrange(len(allowed_pairs))]
-    return {"colour": colour, "shape": shape, "size": rng.choice(list(SIZES))}
-
-
-def place_pair(rng, a, b, relation):
-    """Centres for a and b so that 'a <relation> b' is unambiguous on the canvas."""
-    ra, rb = SIZES[a["size"]], SIZES[b["size"]]
-    horizontal = relation in ("to the left of", "to the right of")
-    while True:
-        xa, ya = rng.uniform(ra + 1, CANVAS - ra - 1), rng.uniform(ra + 1, CANVAS - ra - 1)
-        xb, yb = rng.uniform(rb + 1, CANVAS - rb - 1), rng.uniform(rb + 1, CANVAS - rb - 1)
-        along, across = (xb - xa, yb - ya) if horizontal else (yb - ya, xb - xa)
-        if relation in ("to the right of", "below"):
-            along = -along
-        if along >= ra + rb + 3 and abs(across) < along / 2:
-            return (xa, ya), (xb, yb)
-
-
-def sample_scene(rng, allowed_pairs, pair_fraction=0.6):
-    """One or two objects, their centres and (for pairs) the relation of the first to the second."""
-    a = sample_object(rng, allowed_pairs)
-    if rng.random() >= pair_fraction:
-        r = SIZES[a["size"]]
-        a["x"], a["y"] = rng.uniform(r + 1, CANVAS - r - 1), rng.uniform(r + 1, CANVAS - r - 1)
-        return {"objects": [a], "relation": None}
-    while True:
-        b = sample_object(rng, allowed_pairs)
-        if (b["colour"], b["shape"]) != (a["colour"], a["shape"]):
-            break
-    relation = rng.choice(list(RELATIONS))
-    (a["x"], a["y"]), (b["x"], b["y"]) = place_pair(rng, a, b, relation)
-    return {"objects": [a, b], "relation": relation}
-
-
-def render_scene(scene):
-    image = Image.new("RGB", (CANVAS, CANVAS), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    for o in scene["objects"]:
-        draw_object(draw, o["shape"], o["x"], o["y"], SIZES[o["size"]], COLOURS[o["colour"]])
-    return image
-
-
-def object_masks(scene):
-    """One boolean CANVAS x CANVAS mask per object (for the vision tower's pretraining)."""
-    masks = []
-    for o in scene["objects"]:
-        m = Image.new("L", (CANVAS, CANVAS), 0)
-        draw_object(ImageDraw.Draw(m), o["shape"], o["x"], o["y"], SIZES[o["size"]], 255)
-        masks.append(np.asarray(m) > 127)
-    return masks
-
-
-def phrase(o):
-    return f"a {o['size']} {o['colour']} {o['shape']}"
-
-
-def describe(scene):
-    """About five reference captions for a scene, all in the same small vocabulary."""
-    objs = scene["objects"]
-    if len(objs) == 1:
-        a = phrase(objs[0])
-        o = objs[0]
-        return [a, f"there is {a}", f"{a} on a white background", f"a picture of {a}",
-                f"a single {o['size']} {o['colour']} {o['shape']}"]
-    a, b = phrase(objs[0]), phrase(objs[1])
-    rel, inv = scene["relation"], RELATIONS[scene["relation"]]
-    return [f"{a} {rel} {b}", f"{b} {inv} {a}", f"there is {a} {rel} {b}",
-            f"{a} is {rel} {b}", f"{b} is {inv} {a}"]
-
-
-def make_shapes_dataset(root, n_train=4000, n_val=250, n_test=500, n_compositional=500, seed=0):
-    """Write PNG images, captions.jsonl, metadata.jsonl and splits.json under root.
-
-    The compositional split only has images with at least one held-out
-    (colour, shape) pair; no other split ever draws one."""
-    root = Path(root)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    seen = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT]
-    everything = [(c, s) for c in COLOURS for s in SHAPES]
-    splits = {"train": n_train, "val": n_val, "test": n_test, "compositional": n_compositional}
-    names, captions, metadata = {k: [] for k in splits}, [], []
-    index = 0
-    for split, count in splits.items():
-        while len(names[split]) < count:
-            scene = sample_scene(rng, everything if split == "compositional" else seen)
-            pairs = {(o["colour"], o["shape"]) for o in scene["objects"]}
-            if split == "compositional" and not pairs & HELD_OUT:
-                continue
-            name = f"images/{index:05d}.png"
-            index += 1
-            render_scene(scene).save(root / name)
-            names[split].append(name)
-            captions += [{"image": name, "caption": c} for c in describe(scene)]
-            metadata.append({"image": name, **scene})
-    write_jsonl(root / "captions.jsonl", captions)
-    write_jsonl(root / "metadata.jsonl", metadata)
-    (root / "splits.json").write_text(json.dumps(names))
-    return root
-
-
-def write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-
-
-# -----------------------------------------------------------------------------
-# reading what a caption says about the shapes (for attribute accuracy)
-
-_OBJECT = re.compile(r"\b(%s)\s+(%s)\b" % ("|".join(COLOURS), "|".join(SHAPES)))
-_RELATION = re.compile(r"(%s)" % "|".join(sorted(RELATIONS, key=len, reverse=True)))
-
-
-def parse_objects(caption):
-    return set(_OBJECT.findall(caption))
-
-
-def parse_relation(caption):
-    """(first object, relation, second object) normalised so 'left of' and 'right of' agree."""
-    objs = _OBJECT.findall(caption)
-    rel = _RELATION.search(caption)
-    if len(objs) != 2 or rel is None:
-        return None
-    (a, b), r = objs, rel.group(1)
-    if r in ("to the right of", "below"):
-        a, b, r = b, a, RELATIONS[r]
-    return (a, r, b)
-
-
-def scene_truth(meta):
-    objs = [(o["colour"], o["shape"]) for o in meta["objects"]]
-    return set(objs), (parse_relation(describe(meta)[0]) if meta["relation"] else None)
 
 
 # -----------------------------------------------------------------------------
@@ -391,6 +228,12 @@ def load_folder(root, problems):
     return {split: [by_name[n] for n in names if n in by_name] for split, names in named.items()}
 
 
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
 def require(paths, what, hint):
     missing = [str(p) for p in paths if not Path(p).exists()]
     if missing:
@@ -482,7 +325,8 @@ def load_hf(name, problems, cache_dir, image_column="image", caption_columns=("c
         folder = Path(cache_dir) / f"hf-{part._fingerprint}"
         if not (folder / "done").is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            for i, image in enumerate(tqdm(part[image_column], desc=f"hf:{name} {split}: writing images", leave=False)):
+            for i, image in enumerate(tqdm(part[image_column], desc=f"hf:{name} {split}: writing images",
+                                               leave=False, disable=None)):
                 (image if isinstance(image, Image.Image) else Image.open(image)).save(folder / f"{i:07d}.png")
             (folder / "done").write_text("")
         rows = []
@@ -523,7 +367,7 @@ def load_splits(source, data_dir, seed=0, strict=True, cache_dir=None, image_roo
     elif source == "coco":
         splits = load_coco(data_dir, problems, seed)
     elif source.startswith("hf:"):
-        splits = load_hf(source[3:], problems, cache_dir or CACHE, image_column, caption_columns, download)
+        splits = load_hf(source[3:], problems, cache_dir or cache_root(), image_column, caption_columns, download)
     else:
         raise DataError(f"unknown data source {source!r} (one of {', '.join(SOURCES)})")
     if problems:
@@ -604,13 +448,11 @@ class CaptionRows(torch.utils.data.Dataset):
         return i, image, caption
 
 
-# -----------------------------------------------------------------------------
-# the frozen vision tower's features, computed once per image
 
 def decode_check(records):
     """(records whose image fully decodes, [problem]); the cheap check at loading only reads headers."""
     good, bad = [], []
-    for r in tqdm(records, desc="checking images", leave=False, unit="image"):
+    for r in tqdm(records, desc="checking images", leave=False, unit="image", disable=None):
         try:
             read_image(r.image)
             good.append(r)
@@ -619,20 +461,41 @@ def decode_check(records):
     return good, bad
 
 
-def compute_features(encode, processor, paths, batch_size=64, desc="image features"):
-    """(features [N_good, P, D] fp16, [(index, problem)] of images that failed to decode).
+def stop_or_skip(problems, strict):
+    """Images that failed to decode: a DataError listing them all, or (strict False) a line for each left out."""
+    if problems and strict:
+        listing = "\n".join(f"  {message}" for message in problems)
+        raise DataError(f"{len(problems)} image(s) failed to decode:\n{listing}\n"
+                        "Fix them, or pass --skip-bad to leave them out.")
+    for message in problems:
+        print(f"--skip-bad: left out {message}")
 
-    This is where every image is fully decoded once, so a truncated file is found here."""
-    chunks, bad = [], []
-    for k in tqdm(range(0, len(paths), batch_size), desc=desc, leave=False, unit="batch"):
-        images = []
-        for i, p in enumerate(paths[k:k + batch_size], k):
-            try:
-                images.append(read_image(p))
-            except DataError as e:
-                bad.append((i, str(e)))
-        if images:
-            pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-            with torch.no_grad():
-                chunks.append(encode(pixels).to(torch.float16).cpu())
-    return torch.cat(chunks), bad
+
+class Collate:
+    """Caption rows -> a batch: token ids and targets, and cached features or pixels.
+    A class rather than a closure, so that DataLoader workers can be spawned too."""
+
+    def __init__(self, tokenizer, processor, features, max_tokens):
+        self.tokenizer, self.processor, self.features, self.max_tokens = tokenizer, processor, features, max_tokens
+
+    def __call__(self, items):
+        idx, images, captions = zip(*items)
+        input_ids, targets, mask = encode_captions(self.tokenizer, captions, self.max_tokens)
+        batch = {"input_ids": input_ids, "targets": targets, "attention_mask": mask}
+        if self.features is not None:
+            batch["features"] = self.features[list(idx)]
+        else:
+            batch["pixel_values"] = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return batch
+
+
+def make_loader(records, features, processor, tokenizer, *, batch_size, max_tokens, order=None, workers=0,
+                pin_memory=False, seed=0):
+    """Batches of caption rows, in `order` (a list of row indices; None = as stored), from cached
+    features when given, else from the images decoded in the loader."""
+    rows = CaptionRows(records, load_pixels=features is None)
+    collate = Collate(tokenizer, processor, features, max_tokens)
+    # its own generator: worker seeds must not consume the global RNG, or a resumed run would drift
+    return torch.utils.data.DataLoader(rows, batch_size=batch_size, sampler=order, collate_fn=collate,
+                                       num_workers=workers, pin_memory=pin_memory,
+                                       generator=torch.Generator().manual_seed(seed))

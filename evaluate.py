@@ -18,33 +18,12 @@ import argparse
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 
-import torch
-from PIL import Image
-from tqdm import tqdm
-
 import data
-from captioner import decode, load_run
-
-
-@torch.no_grad()
-def caption_images(model, processor, tokenizer, images, batch_size=64, device="cpu", desc="captioning",
-                   stats=None, **decode_kwargs):
-    """Captions (strings) for a list of PIL images or image paths, batched and KV-cached by default.
-    A `stats` dict gets the number of tokens generated (EOS included when emitted) and the seconds taken."""
-    captions, tokens, t0 = [], 0, time.time()
-    for k in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, unit="batch"):
-        batch = [im if isinstance(im, Image.Image) else data.read_image(im) for im in images[k:k + batch_size]]
-        pixels = processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
-        state = model.encode_images(pixel_values=pixels)
-        ids = decode(model, state, tokenizer.eos_token_id, **decode_kwargs)
-        captions += [" ".join(tokenizer.decode(t, skip_special_tokens=True).split()) for t in ids]
-        tokens += sum(len(t) + (len(t) < decode_kwargs.get("max_new_tokens", 30)) for t in ids)
-    if stats is not None:
-        stats.update(tokens=tokens, seconds=time.time() - t0)
-    return captions
+import shapes
+from decoding import caption_images
+from runs import load_run
 
 
 SPICE_NOTE = "SPICE is not computed: it downloads Stanford CoreNLP models at run time"
@@ -89,12 +68,12 @@ def shapes_figures(records, captions):
     """Attribute / relation accuracy and exact match of captions against the scenes drawn."""
     attr = rel = pairs = exact = 0
     for r, c in zip(records, captions):
-        truth_objects, truth_relation = data.scene_truth(r.meta)
-        attr += data.parse_objects(c) == truth_objects
+        truth_objects, truth_relation = shapes.scene_truth(r.meta)
+        attr += shapes.parse_objects(c) == truth_objects
         exact += c in r.captions
         if truth_relation is not None:
             pairs += 1
-            rel += data.parse_relation(c) == truth_relation
+            rel += shapes.parse_relation(c) == truth_relation
     n = len(records)
     return {"attribute_accuracy": attr / n, "relation_accuracy": rel / max(pairs, 1), "exact_match": exact / n}
 
@@ -142,7 +121,7 @@ def evaluate_run(model, processor, tokenizer, splits, run_dir, split="test", dev
     return figures
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory written by a training script")
     p.add_argument("--split", default="test")
@@ -153,12 +132,15 @@ def main():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="where to write the JSON (default RUN_DIR/eval_<split>.json)")
-    args = p.parse_args()
-    model, processor, tokenizer, config = load_run(args.checkpoint)
-    model.to(args.device)
-    splits = data.splits_for(config, strict=False)
+    args = p.parse_args(argv)
+    try:
+        model, processor, tokenizer, config = load_run(args.checkpoint)
+        splits = data.splits_for(config, strict=False)
+    except (ValueError, OSError) as e:  # a bad run folder or missing data: one line, no traceback
+        raise SystemExit(f"error: {e}") from None
     if args.split not in splits:
-        raise SystemExit(f"{config['data_dir']} has no split {args.split!r} (it has {', '.join(splits)})")
+        raise SystemExit(f"error: {config['data_dir']} has no split {args.split!r} (it has {', '.join(splits)})")
+    model.to(args.device)
     figures = evaluate_run(model, processor, tokenizer, splits, args.checkpoint, args.split, args.device, args.out,
                            strategy=args.strategy, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                            beams=args.beams, length_penalty=args.length_penalty)

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 import data
-from captioner import load_run
-from evaluate import caption_images
+from decoding import caption_images
+from runs import load_run
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -54,6 +54,10 @@ def main(argv=None):
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence at every step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    try:
+        model, processor, tokenizer, _ = load_run(args.checkpoint)
+    except (ValueError, OSError) as e:  # not a run, the other variant, missing backbones: one line
+        raise SystemExit(f"error: {e}") from None
 
     files, errors = expand_paths(args.paths)
     images, good = [], []
@@ -66,7 +70,6 @@ def main(argv=None):
     for e in errors:
         print(e, file=sys.stderr)
     if images:
-        model, processor, tokenizer, _ = load_run(args.checkpoint)
         model.to(args.device)
         generator = torch.Generator(args.device).manual_seed(args.seed)
         captions = caption_images(model, processor, tokenizer, images, args.batch_size, args.device,

@@ -1,5 +1,5 @@
 """
-The cross-attention ("explained") variant.
+The cross-attention variant (named "explained" in configs and run folders).
 
 Text embeddings are the queries, the adapted image patch embeddings the keys and
 values of one multi-head attention layer; fused = LayerNorm(text + attention)
@@ -11,7 +11,6 @@ still uses Qwen's KV cache.
 """
 import math
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -60,6 +59,10 @@ class ExplainedCaptioner(Captioner):
         self.cross_attention = CrossAttention(H, n_heads)
         self.fusion_norm = nn.LayerNorm(H)
         self.init_layer_norm(self.fusion_norm)
+
+    @classmethod
+    def from_config(cls, vision, lm, config):
+        return cls(vision, lm, config["train_layers"], config["cross_attention_heads"])
 
     def encode_images(self, pixel_values=None, features=None):
         return self.cross_attention.project_image(self.image_tokens(pixel_values, features))

@@ -27,6 +27,10 @@ class SelfAttentionCaptioner(Captioner):
         self.input_norm = nn.LayerNorm(H)
         self.init_layer_norm(self.input_norm)
 
+    @classmethod
+    def from_config(cls, vision, lm, config):
+        return cls(vision, lm, config["train_layers"], config["max_caption_tokens"] + 1)
+
     def prefix_len(self, state):
         return state.shape[1]
 

@@ -7,52 +7,64 @@ Epoch-based AdamW with linear warmup and cosine decay, gradient clipping at 1.0,
 bf16 autocast on CUDA (fp16 with a GradScaler on request), fp32 on CPU. The
 frozen vision tower's features are computed once per image and cached on disk.
 A run directory gets config.json, model.safetensors (trainable weights only),
-metrics.jsonl and, after training, the test-split evaluation.
+metrics.jsonl, checkpoints/ and, after training, the test-split evaluation.
+Under torchrun the same loop runs data-parallel (DistributedDataParallel).
 """
 import argparse
 import contextlib
-import hashlib
 import itertools
 import json
 import math
 import os
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import save_file
+import transformers
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-import backbones
-import data
 import checkpoints
-from captioner import build_model, check_backbones, read_config, save_checkpoint
+import data
+import demo
+import features
+import runs
 from evaluate import evaluate_run
 
-CACHE = data.CACHE
+# -----------------------------------------------------------------------------
+# presets and the command line
 
+REAL = dict(vision="openai/clip-vit-base-patch32", language="Qwen/Qwen3-0.6B-Base", epochs=5, batch_size=64,
+            lr=1e-4, warmup=0.03, weight_decay=0.01, max_caption_tokens=40)
 PRESETS = {
-    # offline, CPU, minutes: the shapes dataset and the pretrained tiny stand-ins
-    "demo": dict(data="shapes", data_dir=None, vision="demo", language="demo",
-                 epochs=5, batch_size=64, lr=1e-3, warmup=0.05, weight_decay=0.01, max_caption_tokens=32),
+    # offline, CPU, minutes: the shapes dataset and the pretrained tiny stand-ins (see demo.py)
+    "demo": REAL | dict(data="shapes", data_dir=None, vision="demo", language="demo", lr=1e-3, warmup=0.05,
+                        max_caption_tokens=32),
     # a GPU, bf16: the real backbones on Flickr8k's official splits
-    "flickr8k": dict(data="flickr8k", data_dir="data/flickr8k", vision="openai/clip-vit-base-patch32",
-                     language="Qwen/Qwen3-0.6B-Base", epochs=5, batch_size=64, lr=1e-4, warmup=0.03,
-                     weight_decay=0.01, max_caption_tokens=40),
+    "flickr8k": REAL | dict(data="flickr8k", data_dir="data/flickr8k"),
     # Karpathy's splits: dataset_flickr30k.json / dataset_coco.json beside the images
-    "flickr30k": dict(data="karpathy", data_dir="data/flickr30k", vision="openai/clip-vit-base-patch32",
-                      language="Qwen/Qwen3-0.6B-Base", epochs=5, batch_size=64, lr=1e-4, warmup=0.03,
-                      weight_decay=0.01, max_caption_tokens=40),
-    "coco": dict(data="karpathy", data_dir="data/coco", vision="openai/clip-vit-base-patch32",
-                 language="Qwen/Qwen3-0.6B-Base", epochs=3, batch_size=64, lr=1e-4, warmup=0.03,
-                 weight_decay=0.01, max_caption_tokens=40),
+    "flickr30k": REAL | dict(data="karpathy", data_dir="data/flickr30k"),
+    "coco": REAL | dict(data="karpathy", data_dir="data/coco", epochs=3),
 }
+
+
+def positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {value}")
+    return value
 
 
 def parse_args(variant, argv=None):
@@ -72,25 +84,25 @@ def parse_args(variant, argv=None):
     p.add_argument("--download", action="store_true", help="hf: allow fetching a hub dataset")
     p.add_argument("--vision", help="CLIP vision tower: hub id or local directory (overrides the preset)")
     p.add_argument("--language", help="Qwen causal LM + tokenizer: hub id or local directory (overrides the preset)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="per rank and per accumulation step")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--epochs", type=positive)
+    p.add_argument("--batch-size", type=positive, help="per rank and per accumulation step")
+    p.add_argument("--grad-accum", type=positive, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=positive_float)
+    p.add_argument("--max-steps", type=positive, help="stop after this many optimizer steps")
     p.add_argument("--train-layers", type=int, default=2, help="last Qwen decoder layers to train")
-    p.add_argument("--heads", type=int, default=8, help="cross-attention heads (explained variant)")
-    p.add_argument("--max-caption-tokens", type=int)
+    p.add_argument("--heads", type=positive, default=8, help="cross-attention heads (explained variant)")
+    p.add_argument("--max-caption-tokens", type=positive)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast on CUDA, fp32 on CPU")
     p.add_argument("--workers", type=int, help="DataLoader workers (default 0 on CPU, 4 on CUDA)")
     p.add_argument("--no-feature-cache", action="store_true", help="run the vision tower on every batch")
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--log-every", type=positive, default=10)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at each epoch end)")
-    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
-    p.add_argument("--max-bad-steps", type=int, default=5,
+    p.add_argument("--keep", type=positive, default=2, help="checkpoints to keep")
+    p.add_argument("--max-bad-steps", type=positive, default=5,
                    help="stop after this many non-finite steps in a row")
     p.add_argument("--no-eval", action="store_true", help="skip the test evaluation after training")
     p.add_argument("--wandb", action="store_true",
@@ -99,24 +111,20 @@ def parse_args(variant, argv=None):
 
 
 def run_config(variant, args):
-    """The preset, overridden by the command line, with the demo's stand-ins built if needed."""
+    """The preset overridden by the command line. Pure: the demo's stand-ins are
+    built by demo.resolve, not here."""
     cfg = dict(PRESETS[args.preset])
     for key in ("vision", "language", "data", "data_dir", "epochs", "batch_size", "lr", "max_caption_tokens"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.data and not args.data_dir and args.data != PRESETS[args.preset]["data"]:
         cfg["data_dir"] = None if args.data == "shapes" else args.data[3:] if args.data.startswith("hf:") else f"data/{args.data}"
-    if cfg["data"] == "shapes" and cfg["data_dir"] is None:
-        cfg["data_dir"] = str(backbones.demo_shapes(CACHE))
-    if "demo" in (cfg["vision"], cfg["language"]):
-        vision_dir, language_dir = backbones.demo_backbones(CACHE, backbones.demo_shapes(CACHE))
-        cfg["vision"] = str(vision_dir) if cfg["vision"] == "demo" else cfg["vision"]
-        cfg["language"] = str(language_dir) if cfg["language"] == "demo" else cfg["language"]
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision if args.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     cfg.update(variant=variant, preset=args.preset, seed=args.seed, device=device, precision=precision,
                train_layers=args.train_layers, cross_attention_heads=args.heads, max_steps=args.max_steps,
-               data_dir=str(Path(cfg["data_dir"]).resolve()),
+               grad_accum=args.grad_accum,
+               data_dir=None if cfg["data_dir"] is None else str(Path(cfg["data_dir"]).resolve()),
                data_options={"strict": not args.skip_bad, "image_root": args.image_root, "restval": args.restval,
                              "image_column": args.image_column, "caption_columns": args.caption_column or ["caption"],
                              "download": args.download})
@@ -130,80 +138,81 @@ def seed_everything(seed):
 
 
 # -----------------------------------------------------------------------------
-# frozen features, once per image
+# many processes (torchrun): rank 0 builds what is shared, every rank trains
 
-def cached_features(model, processor, config, records, device):
-    """(records, [N, P, D] fp16 vision features) from the disk cache when the same backbone,
-    preprocessing and image files were seen before. Images that fail to fully decode stop
-    the run, or with --skip-bad are left out (the records returned are the ones kept)."""
-    h = hashlib.sha256()
-    h.update(config["vision"].encode())
-    h.update(model.vision.config.to_json_string().encode())
-    h.update(processor.to_json_string().encode())
-    for r in records:
-        st = os.stat(r.image)
-        h.update(f"{r.image}|{st.st_size}|{st.st_mtime_ns}".encode())
-    path = CACHE / "features" / f"{h.hexdigest()[:20]}-v3.safetensors"
-    if not path.is_file():
-        encode = lambda pixels: model.image_features(pixels.to(device))
-        features, bad = data.compute_features(encode, processor, [r.image for r in records])
-        dropped = {i for i, _ in bad}
-        kept = torch.tensor([i for i in range(len(records)) if i not in dropped], dtype=torch.long)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"  # runs sharing the cache may build the same file at once
-        # the decoding failures are kept with the features, so that every later run (a strict
-        # one after a --skip-bad one included) reports them without decoding again
-        save_file({"features": features, "kept": kept}, tmp, metadata={"failed": json.dumps([m for _, m in bad])})
-        os.replace(tmp, path)
-    with safe_open(str(path), "pt") as cached:
-        stop_or_skip(json.loads(cached.metadata()["failed"]), config)
-        return [records[i] for i in cached.get_tensor("kept").tolist()], cached.get_tensor("features")
+def init_distributed():
+    """(rank, world size, device) under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set), else (0, 1, None).
+    NCCL on CUDA, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, None
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return dist.get_rank(), dist.get_world_size(), f"cuda:{local_rank}"
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), "cpu"
 
 
-def stop_or_skip(problems, config):
-    """Images that failed to decode: stop the run listing them all, or with --skip-bad say which are left out."""
-    if problems and config["data_options"]["strict"]:
-        listing = "\n".join(f"  {message}" for message in problems)
-        raise SystemExit(f"error: {len(problems)} image(s) failed to decode:\n{listing}\n"
-                         "Fix them, or pass --skip-bad to leave them out.")
-    for message in problems:
-        print(f"--skip-bad: left out {message}")
+def distributed():
+    return dist.is_available() and dist.is_initialized()
 
 
-def decode_or_stop(records, config):
-    """Fully decode a split's images before training (the loaders only read headers)."""
-    good, bad = data.decode_check(records)
-    stop_or_skip(bad, config)
-    return good
+def barrier():
+    if distributed():
+        dist.barrier()
 
 
-class Collate:
-    """Caption rows -> a batch: token ids and targets, and cached features or pixels.
-    A class rather than a closure, so that DataLoader workers can be spawned too."""
-
-    def __init__(self, tokenizer, processor, features, max_tokens):
-        self.tokenizer, self.processor, self.features, self.max_tokens = tokenizer, processor, features, max_tokens
-
-    def __call__(self, items):
-        idx, images, captions = zip(*items)
-        input_ids, targets, mask = data.encode_captions(self.tokenizer, captions, self.max_tokens)
-        batch = {"input_ids": input_ids, "targets": targets, "attention_mask": mask}
-        if self.features is not None:
-            batch["features"] = self.features[list(idx)]
-        else:
-            batch["pixel_values"] = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
-        return batch
+@contextlib.contextmanager
+def main_rank_first(is_main):
+    """Rank 0 does the work first (building the demo, writing caches); the others then find it done."""
+    if not is_main:
+        barrier()
+    yield
+    if is_main:
+        barrier()
 
 
-def make_loader(records, features, processor, tokenizer, config, order, workers):
-    """Batches of caption rows, in `order` (a list of row indices; None = as stored)."""
-    rows = data.CaptionRows(records, load_pixels=features is None)
-    collate = Collate(tokenizer, processor, features, config["max_caption_tokens"])
-    # its own generator: worker seeds must not consume the global RNG, or a resumed run would drift
-    return torch.utils.data.DataLoader(rows, batch_size=config["batch_size"], sampler=order, collate_fn=collate,
-                                       num_workers=workers, pin_memory=config["device"].startswith("cuda"),
-                                       generator=torch.Generator().manual_seed(config.get("seed", 0)))
+# -----------------------------------------------------------------------------
+# setting up a run: its config and folder, the data, the model
 
+def start_or_resume(variant, args, is_main):
+    """(run directory, config): a new run from the preset and options, or the config of the run
+    being resumed."""
+    if args.resume:
+        run_dir = Path(args.resume)
+        config = runs.read_config(run_dir)
+        if config["variant"] != variant:
+            raise runs.RunError(f"{run_dir} holds a {config['variant']} run, not a {variant} one; "
+                                "resume it with its own script")
+        return run_dir, config
+    with main_rank_first(is_main):  # the demo data and backbones are built once
+        config = demo.resolve(run_config(variant, args))
+    return Path(args.out or f"runs/{variant}-{args.preset}"), config
+
+
+def load_data(config, model, processor, use_feature_cache, is_main):
+    """(splits, {"train", "val"}: cached features or None). Every image a split uses is fully
+    decoded once here, by the feature cache or by a check, before training starts."""
+    with main_rank_first(is_main):  # a Hugging Face dataset is written out to files once
+        splits = data.splits_for(config)
+    print(f"data ({config['data']} at {config['data_dir']}): {data.describe_splits(splits)}")
+    cached = {"train": None, "val": None}
+    strict = config["data_options"]["strict"]
+    if use_feature_cache:
+        for s in cached:
+            with main_rank_first(is_main):  # the feature cache is built once; the others read it
+                splits[s], cached[s] = features.cached_features(model, processor, config["vision"], splits[s],
+                                                                config["device"], strict)
+    for s in [s for s in splits if cached.get(s) is None]:
+        good, bad = data.decode_check(splits[s])
+        data.stop_or_skip(bad, strict)
+        splits[s] = good
+    return splits, cached
+
+
+# -----------------------------------------------------------------------------
+# one optimizer step
 
 def autocast(config):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["precision"])
@@ -221,10 +230,9 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, params, confi
     micro_batches = [{k: v.to(config["device"], non_blocking=True) for k, v in b.items()} for b in micro_batches]
     n_tokens = sum((b["targets"] != -100).sum() for b in micro_batches).float()
     loss_total = torch.zeros((), device=n_tokens.device)
-    distributed = dist.is_available() and dist.is_initialized()
-    if distributed:
+    if distributed():
         dist.all_reduce(n_tokens)
-    world = dist.get_world_size() if distributed else 1
+    world = dist.get_world_size() if distributed() else 1
     optimizer.zero_grad(set_to_none=True)
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
@@ -242,7 +250,7 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, params, confi
         scaler.step(optimizer)
         scaler.update()
     scheduler.step()  # the schedule follows the data, skipped batch or not
-    if distributed:
+    if distributed():
         dist.all_reduce(loss_total)
     return loss_total / n_tokens, grad_norm, ok
 
@@ -255,6 +263,9 @@ def report_long_captions(tokenizer, records, max_tokens):
         print(f"{n_long} of {len(captions)} training captions are longer than {max_tokens} tokens and are "
               f"truncated (longest {max(lengths)}; see --max-caption-tokens)")
 
+
+# -----------------------------------------------------------------------------
+# the loop's parts: validation, the metrics log, stop requests, the data order
 
 @torch.no_grad()
 def validation_loss(model, loader, config):
@@ -325,7 +336,7 @@ class StopRequest:
 
     def requested(self):
         """Whether any rank was asked to stop (all ranks must stop after the same step)."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (distributed() and dist.get_world_size() > 1):
             return self.signal is not None
         device = "cuda" if dist.get_backend() == "nccl" else "cpu"
         flag = torch.tensor(float(self.signal is not None), device=device)
@@ -349,192 +360,185 @@ def groups_of(iterable, n):
         yield group
 
 
-def init_distributed():
-    """(rank, world size, device) under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set), else (0, 1, None).
-    NCCL on CUDA, gloo on CPU."""
-    if "RANK" not in os.environ:
-        return 0, 1, None
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
-        return dist.get_rank(), dist.get_world_size(), f"cuda:{local_rank}"
-    dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), "cpu"
 
+class Training:
+    """Everything one optimizer step and one epoch need, and the progress that a checkpoint saves."""
 
-def barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    def __init__(self, model, config, run_dir, splits, cached, processor, tokenizer, args, rank, world):
+        self.model, self.config, self.run_dir, self.args = model, config, run_dir, args
+        self.splits, self.cached, self.processor, self.tokenizer = splits, cached, processor, tokenizer
+        self.rank, self.world, self.is_main = rank, world, rank == 0
+        device = config["device"]
+        self.workers = args.workers if args.workers is not None else (4 if device.startswith("cuda") else 0)
+        self.n_rows = sum(len(r.captions) for r in splits["train"])
+        self.global_batch = config["batch_size"] * config["grad_accum"] * world
+        self.steps_per_epoch = self.n_rows // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{self.n_rows} training captions do not fill one global batch of {self.global_batch}")
+        self.total_steps = config["epochs"] * self.steps_per_epoch
+        if config["max_steps"]:
+            self.total_steps = min(self.total_steps, config["max_steps"])
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config["lr"], weight_decay=config["weight_decay"])
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, math.ceil(config["warmup"] * self.total_steps),
+                                                         self.total_steps)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=config["precision"] == "fp16")
+        self.progress = {"step": 0, "epoch": 0, "position": 0, "time_s": 0.0, "skipped_steps": 0,
+                         "global_batch": self.global_batch}
+        self.trainer = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.startswith("cuda") else None)
+        self.loss, self.val_loss, self.bad_in_a_row = torch.tensor(float("nan")), float("nan"), 0
 
+    def loader(self, split, order=None):
+        return data.make_loader(self.splits[split], self.cached[split], self.processor, self.tokenizer,
+                                batch_size=self.config["batch_size"], max_tokens=self.config["max_caption_tokens"],
+                                order=order, workers=self.workers, seed=self.config["seed"],
+                                pin_memory=self.config["device"].startswith("cuda"))
 
-@contextlib.contextmanager
-def main_rank_first(is_main):
-    """Rank 0 does the work first (building the demo, writing caches); the others then find it done."""
-    if not is_main:
+    def resume(self):
+        last = checkpoints.latest(self.run_dir)
+        self.progress = checkpoints.load(last, self.model, self.optimizer, self.scheduler, self.scaler)
+        if self.progress.get("global_batch", self.global_batch) != self.global_batch:
+            raise ValueError(f"{last} was saved with a global batch of {self.progress['global_batch']}, this run "
+                             f"has {self.global_batch}; resume with the same number of ranks and --grad-accum")
+        runs.check_backbones(self.model, self.config, self.run_dir)
+        print(f"resumed from {last} (epoch {self.progress['epoch'] + 1}, step {self.progress['step']})")
+
+    def save_state(self):
+        if self.is_main:
+            checkpoints.save(self.run_dir, self.model, self.optimizer, self.scheduler, self.scaler, self.progress,
+                             keep=self.args.keep)
         barrier()
-    yield
-    if is_main:
-        barrier()
 
+    def step(self, micro_batches, log, t_start):
+        """One optimizer step; a non-finite one is skipped, and too many in a row stop the run."""
+        self.loss, grad_norm, ok = train_step(self.trainer, micro_batches, self.optimizer, self.scheduler,
+                                              self.scaler, self.params, self.config)
+        p = self.progress
+        p.update(step=p["step"] + 1, position=p["position"] + 1, time_s=time.time() - t_start)
+        self.bad_in_a_row = 0 if ok else self.bad_in_a_row + 1
+        if not ok:
+            p["skipped_steps"] += 1
+            print(f"step {p['step']}: non-finite loss or gradient, step skipped "
+                  f"({self.bad_in_a_row} in a row, {p['skipped_steps']} in all)")
+            log.write({"step": p["step"], "skipped_step": True, "loss": self.loss.item()})
+            if self.bad_in_a_row >= self.args.max_bad_steps:
+                self.save_state()
+                raise SystemExit(f"error: {self.bad_in_a_row} steps in a row had a non-finite loss or gradient; "
+                                 f"stopped with the last good weights checkpointed in {self.run_dir}/checkpoints "
+                                 "(lower --lr, or check the data)")
+        return grad_norm
+
+    def epoch(self, log, stop, t_start):
+        """The rest of the current epoch (or up to the last step): steps, logging, checkpoints and
+        a clean stop on request; then the validation loss."""
+        p, config, A = self.progress, self.config, self.config["grad_accum"]
+        epoch = p["epoch"]
+        order = epoch_order(self.n_rows, config["seed"], epoch, self.steps_per_epoch, config["batch_size"], A,
+                            self.rank, self.world)
+        steps = groups_of(self.loader("train", order[p["position"] * A * config["batch_size"]:]), A)
+        bar = tqdm(steps, desc=f"epoch {epoch + 1}/{config['epochs']}", unit="step", initial=p["position"],
+                   total=min(self.steps_per_epoch, p["position"] + self.total_steps - p["step"]),
+                   disable=None if self.is_main else True)  # None: no bar when the output is not a terminal
+        t_last, seen = time.time(), 0
+        for micro_batches in bar:
+            grad_norm = self.step(micro_batches, log, t_start)
+            seen += self.global_batch
+            step = p["step"]
+            if step % self.args.log_every == 0 or step == self.total_steps:
+                rate = seen / (time.time() - t_last)
+                bar.set_postfix(loss=f"{self.loss.item():.3f}", samples_s=f"{rate:.0f}")
+                log.write({"step": step, "epoch": epoch + 1, "train_loss": self.loss.item(),
+                           "grad_norm": grad_norm.item(), "lr": self.scheduler.get_last_lr()[0],
+                           "samples_per_s": rate, "time_s": p["time_s"]})
+                t_last, seen = time.time(), 0
+            stopping = stop.requested()
+            if stopping or (self.args.save_every and step % self.args.save_every == 0):
+                self.save_state()
+            if stopping:
+                if self.is_main:
+                    runs.save_run(self.model, config, self.run_dir)
+                    print(f"stopped at step {step}; continue with --resume {self.run_dir}")
+                raise SystemExit(0)
+            if step >= self.total_steps:
+                break
+        bar.close()
+        if p["position"] >= self.steps_per_epoch:
+            p.update(epoch=epoch + 1, position=0)
+        if self.is_main:
+            self.val_loss = validation_loss(self.model, self.loader("val"), config)
+            print(f"epoch {epoch + 1}: train loss {self.loss.item():.3f}, val loss {self.val_loss:.3f} "
+                  f"({p['step']} steps, {time.time() - t_start:.0f}s)")
+            log.write({"step": p["step"], "epoch": epoch + 1, "val_loss": self.val_loss,
+                       "time_s": time.time() - t_start})
+            runs.save_run(self.model, config, self.run_dir)
+        self.save_state()
+
+    def done(self):
+        return self.progress["step"] >= self.total_steps or self.progress["epoch"] >= self.config["epochs"]
+
+    def summary(self, trainable, total, train_time):
+        step = self.progress["step"]
+        return {"variant": self.config["variant"], "trainable_params": trainable, "total_params": total,
+                "steps": step, "skipped_steps": self.progress["skipped_steps"], "train_time_s": train_time,
+                "s_per_step": train_time / max(step, 1),
+                "train_samples_per_s": step * self.global_batch / train_time,
+                "final_train_loss": self.loss.item(), "final_val_loss": self.val_loss}
+
+
+# -----------------------------------------------------------------------------
+# main
 
 def main(variant, argv=None):
     args = parse_args(variant, argv)
+    if not sys.stderr.isatty():  # a log wants lines, not progress-bar refreshes
+        transformers.utils.logging.disable_progress_bar()
     rank, world, rank_device = init_distributed()
     is_main = rank == 0
-    if args.resume:
-        run_dir = Path(args.resume)
-        config = read_config(run_dir)
-        if config["variant"] != variant:
-            raise SystemExit(f"error: {run_dir} holds a {config['variant']} run, not a {variant} one; "
-                             f"resume it with its own script")
-    else:
-        with main_rank_first(is_main):  # the demo data and backbones are built once
-            config = run_config(variant, args)
-        config["grad_accum"] = args.grad_accum
-        run_dir = Path(args.out or f"runs/{variant}-{args.preset}")
-    config["device"] = rank_device or config["device"]
-    config["world_size"] = world
-    run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(config["seed"])
-    device = config["device"]
-
-    with main_rank_first(is_main):  # a Hugging Face dataset is written out to files once
-        try:
-            splits = data.splits_for(config)
-        except data.DataError as e:
-            raise SystemExit(f"error: {e}") from None
-    print(f"data ({config['data']} at {config['data_dir']}): {data.describe_splits(splits)}")
-    model, processor, tokenizer = build_model(config)
-    model.to(device)
-    trainable, total = model.parameter_counts()
+    try:  # a wrong run folder, missing data or a bad option value: one line, no traceback
+        run_dir, config = start_or_resume(variant, args, is_main)
+        config.update(device=rank_device or config["device"], world_size=world)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(config["seed"])
+        model, processor, tokenizer = runs.build_model(config)
+        model.to(config["device"])
+        trainable, total = model.parameter_counts()
+        splits, cached = load_data(config, model, processor, not args.no_feature_cache, is_main)
+        training = Training(model, config, run_dir, splits, cached, processor, tokenizer, args, rank, world)
+        if args.resume:
+            training.resume()
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
     print(f"{variant}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.1f}%)")
     report_long_captions(tokenizer, splits["train"], config["max_caption_tokens"])
-
-    features = {"train": None, "val": None}
-    if not args.no_feature_cache:
-        for s in features:
-            with main_rank_first(is_main):  # the feature cache is built once; the others read it
-                splits[s], features[s] = cached_features(model, processor, config, splits[s], device)
-    for s in [s for s in splits if features.get(s) is None]:  # decoded nowhere else before it is needed
-        splits[s] = decode_or_stop(splits[s], config)
-    workers = args.workers if args.workers is not None else (4 if device.startswith("cuda") else 0)
-    val_loader = make_loader(splits["val"], features["val"], processor, tokenizer, config, None, workers)
-    n_rows = sum(len(r.captions) for r in splits["train"])
-    global_batch = config["batch_size"] * config["grad_accum"] * world
-    steps_per_epoch = n_rows // global_batch
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {n_rows} training captions do not fill one global batch of {global_batch}")
     if is_main:
-        print(f"global batch {global_batch} = {config['batch_size']} per rank x {config['grad_accum']} "
-              f"accumulation steps x {world} rank(s); {steps_per_epoch} steps per epoch")
-    total_steps = config["epochs"] * steps_per_epoch
-    if config["max_steps"]:
-        total_steps = min(total_steps, config["max_steps"])
+        print(f"global batch {training.global_batch} = {config['batch_size']} per rank x {config['grad_accum']} "
+              f"accumulation steps x {world} rank(s); {training.steps_per_epoch} steps per epoch")
+        if not args.resume:
+            runs.save_run(model, config, run_dir)  # config.json first: a run dir always says what it is
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config["warmup"] * total_steps), total_steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=config["precision"] == "fp16")
-    progress = {"step": 0, "epoch": 0, "position": 0, "time_s": 0.0, "skipped_steps": 0, "global_batch": global_batch}
-    if args.resume:
-        last = checkpoints.latest(run_dir)
-        progress = checkpoints.load(last, model, optimizer, scheduler, scaler)
-        if progress.get("global_batch", global_batch) != global_batch:
-            raise SystemExit(f"error: {last} was saved with a global batch of {progress['global_batch']}, this run "
-                             f"has {global_batch}; resume with the same number of ranks and --grad-accum")
-        check_backbones(model, config, run_dir)
-        print(f"resumed from {last} (epoch {progress['epoch'] + 1}, step {progress['step']})")
-    elif is_main:
-        save_checkpoint(model, config, run_dir)  # config.json first: a run dir always says what it is
-    log = MetricsLog(run_dir / "metrics.jsonl", config, args.wandb, progress["step"] if args.resume else None,
-                     enabled=is_main)
+    log = MetricsLog(run_dir / "metrics.jsonl", config, args.wandb,
+                     training.progress["step"] if args.resume else None, enabled=is_main)
     stop = StopRequest()
-    trainer = model
-    if world > 1:
-        trainer = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
-
-    def save_state():
-        if is_main:
-            checkpoints.save(run_dir, model, optimizer, scheduler, scaler, progress, keep=args.keep)
-        barrier()
-
     model.train()
-    t_start = time.time() - progress["time_s"]
-    bad_in_a_row, loss, val = 0, torch.tensor(float("nan")), float("nan")
-    while progress["step"] < total_steps and progress["epoch"] < config["epochs"]:
-        epoch = progress["epoch"]
-        A = config["grad_accum"]
-        order = epoch_order(n_rows, config["seed"], epoch, steps_per_epoch, config["batch_size"], A, rank, world)
-        loader = make_loader(splits["train"], features["train"], processor, tokenizer, config,
-                             order[progress["position"] * A * config["batch_size"]:], workers)
-        steps = groups_of(loader, A)  # A micro-batches per optimizer step
-        bar = tqdm(steps, desc=f"epoch {epoch + 1}/{config['epochs']}", unit="step", initial=progress["position"],
-                   total=min(steps_per_epoch, progress["position"] + total_steps - progress["step"]),
-                   disable=not is_main)
-        t_last, seen = time.time(), 0
-        for micro_batches in bar:
-            loss, grad_norm, ok = train_step(trainer, micro_batches, optimizer, scheduler, scaler, params, config)
-            progress.update(step=progress["step"] + 1, position=progress["position"] + 1,
-                            time_s=time.time() - t_start)
-            seen += global_batch
-            bad_in_a_row = 0 if ok else bad_in_a_row + 1
-            if not ok:
-                progress["skipped_steps"] += 1
-                print(f"\nstep {progress['step']}: non-finite loss or gradient, step skipped "
-                      f"({bad_in_a_row} in a row, {progress['skipped_steps']} in all)")
-                log.write({"step": progress["step"], "skipped_step": True, "loss": loss.item()})
-                if bad_in_a_row >= args.max_bad_steps:
-                    save_state()
-                    raise SystemExit(f"error: {bad_in_a_row} steps in a row had a non-finite loss or gradient; "
-                                     f"stopped with the last good weights checkpointed in {run_dir}/checkpoints "
-                                     "(lower --lr, or check the data)")
-            step = progress["step"]
-            if step % args.log_every == 0 or step == total_steps:
-                rate = seen / (time.time() - t_last)
-                bar.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{rate:.0f}")
-                log.write({"step": step, "epoch": epoch + 1, "train_loss": loss.item(), "grad_norm": grad_norm.item(),
-                           "lr": scheduler.get_last_lr()[0], "samples_per_s": rate, "time_s": progress["time_s"]})
-                t_last, seen = time.time(), 0
-            stopping = stop.requested()
-            if stopping or (args.save_every and step % args.save_every == 0):
-                save_state()
-            if stopping:
-                if is_main:
-                    save_checkpoint(model, config, run_dir)
-                    print(f"stopped at step {step}; continue with --resume {run_dir}")
-                raise SystemExit(0)
-            if step >= total_steps:
-                break
-        bar.close()
-        if progress["position"] >= steps_per_epoch:
-            progress.update(epoch=epoch + 1, position=0)
-        if is_main:
-            val = validation_loss(model, val_loader, config)
-            print(f"epoch {epoch + 1}: train loss {loss.item():.3f}, val loss {val:.3f}")
-            log.write({"step": progress["step"], "epoch": epoch + 1, "val_loss": val, "time_s": time.time() - t_start})
-            save_checkpoint(model, config, run_dir)
-        save_state()
+    t_start = time.time() - training.progress["time_s"]
+    while not training.done():
+        training.epoch(log, stop, t_start)
     train_time = time.time() - t_start
     stop.close()
     log.close()
+    if distributed():
+        dist.destroy_process_group()
     if not is_main:
-        dist.destroy_process_group()
         return run_dir
-    step = progress["step"]
-    print(f"trained {step} steps in {train_time:.0f}s ({train_time / max(step, 1):.3f} s/step)")
-    summary = {"variant": variant, "trainable_params": trainable, "total_params": total, "steps": step,
-               "skipped_steps": progress["skipped_steps"], "train_time_s": train_time,
-               "s_per_step": train_time / max(step, 1), "train_samples_per_s": step * global_batch / train_time,
-               "final_train_loss": loss.item(), "final_val_loss": val}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    summary = training.summary(trainable, total, train_time)
+    print(f"trained {summary['steps']} steps in {train_time:.0f}s ({summary['s_per_step']:.3f} s/step)")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if args.no_eval or "test" not in splits:
         print(f"run directory: {run_dir}")
         return run_dir
-    figures = evaluate_run(model, processor, tokenizer, splits, run_dir, "test", device)
+    figures = evaluate_run(model, processor, tokenizer, splits, run_dir, "test", config["device"])
     headline = ", ".join(f"{k} {v:.3f}" for k, v in figures.items() if isinstance(v, float))
     if "compositional" in figures:
         headline += f"; compositional attribute_accuracy {figures['compositional']['attribute_accuracy']:.3f}"

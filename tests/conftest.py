@@ -18,8 +18,10 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import backbones  # noqa: E402
+import demo  # noqa: E402
 import data  # noqa: E402
-from captioner import build_model  # noqa: E402
+import shapes  # noqa: E402
+from runs import build_model  # noqa: E402
 
 VARIANTS = ["explained", "self_attention"]
 MAX_CAPTION_TOKENS = 32
@@ -32,9 +34,6 @@ def duocap_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("duocap-cache")
     old = os.environ.get("DUOCAP_CACHE")
     os.environ["DUOCAP_CACHE"] = str(cache)
-    data.CACHE = cache  # data and train read DUOCAP_CACHE when they are imported
-    if "train" in sys.modules:
-        sys.modules["train"].CACHE = cache
     yield cache
     if old is None:
         os.environ.pop("DUOCAP_CACHE", None)
@@ -45,7 +44,7 @@ def duocap_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    return data.make_shapes_dataset(root, n_train=64, n_val=8, n_test=8, n_compositional=8, seed=0)
+    return shapes.make_shapes_dataset(root, n_train=64, n_val=8, n_test=8, n_compositional=8, seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +78,7 @@ def language_dir(tmp_path_factory, splits):
     from transformers import Qwen3Config, Qwen3ForCausalLM
     out = tmp_path_factory.mktemp("language")
     captions = [c for r in splits["train"] for c in r.captions]
-    tokenizer = backbones.build_tokenizer(captions, vocab_size=300)
+    tokenizer = demo.build_tokenizer(captions, vocab_size=300)
     tokenizer.save_pretrained(out)
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -14,6 +14,9 @@ from PIL import Image
 
 import backbones
 import data
+import features
+import shapes
+from features import cached_features
 from conftest import TRAIN_SCRIPTS, Script
 
 N_GOOD = 10
@@ -21,8 +24,8 @@ PAIRS = [("red", "circle"), ("blue", "square"), ("green", "cross"), ("orange", "
 
 
 def scene_image(i):
-    scene = data.sample_scene(random.Random(i), PAIRS)
-    return data.render_scene(scene), data.describe(scene)[:2]
+    scene = shapes.sample_scene(random.Random(i), PAIRS)
+    return shapes.render_scene(scene), shapes.describe(scene)[:2]
 
 
 def write_good_images(folder, ext="png"):
@@ -344,8 +347,8 @@ def test_truncated_images_pass_the_cheap_check_but_not_a_full_decode(truncated_d
 
     paths = sorted(root.glob("*.png")) + sorted(root.glob("*.jpg"))
     processor = backbones.load_vision(vision_dir)[1]
-    features, bad = data.compute_features(lambda pixels: pixels.flatten(2), processor, paths, batch_size=4)
-    assert features.shape[0] == len(paths) - 2
+    computed, bad = features.compute_features(lambda pixels: pixels.flatten(2), processor, paths, batch_size=4)
+    assert computed.shape[0] == len(paths) - 2
     assert sorted(paths[i].name for i, _ in bad) == ["cut.jpg", "cut.png"]
     for i, message in bad:
         assert str(paths[i]) in message and "truncated" in message
@@ -354,22 +357,20 @@ def test_truncated_images_pass_the_cheap_check_but_not_a_full_decode(truncated_d
 @pytest.mark.parametrize("strict", [True, False])
 def test_feature_cache_stops_on_or_leaves_out_truncated_images(truncated_dataset, make_config, strict, capsys,
                                                               duocap_cache, monkeypatch):
-    import train
-    monkeypatch.setattr(train, "CACHE", duocap_cache)
-    from captioner import build_model
+    from runs import build_model
     root, good = truncated_dataset
     records = [r for split in data.load_splits("folder", root).values() for r in split]
     config = make_config("explained")
     config["data_options"] = {**config["data_options"], "strict": strict}
     model, processor, _ = build_model(config)
     if strict:
-        with pytest.raises(SystemExit) as e:
-            train.cached_features(model, processor, config, records, "cpu")
-        message = str(e.value.code)
+        with pytest.raises(data.DataError) as e:
+            cached_features(model, processor, config["vision"], records, "cpu", config["data_options"]["strict"])
+        message = str(e.value)
         assert "2 image(s) failed to decode" in message and "--skip-bad" in message
         assert str(root / "cut.png") in message and str(root / "cut.jpg") in message
     else:
-        kept, features = train.cached_features(model, processor, config, records, "cpu")
+        kept, features = cached_features(model, processor, config["vision"], records, "cpu", config["data_options"]["strict"])
         assert sorted(r.image.name for r in kept) == sorted(good)
         assert features.shape[0] == len(kept)
         printed = capsys.readouterr().out
@@ -378,24 +379,23 @@ def test_feature_cache_stops_on_or_leaves_out_truncated_images(truncated_dataset
 
 def test_a_strict_run_stops_on_a_feature_cache_built_with_skip_bad(truncated_dataset, make_config, tmp_path,
                                                                    monkeypatch):
-    import train
-    monkeypatch.setattr(train, "CACHE", tmp_path / "own-cache")
-    from captioner import build_model
+    monkeypatch.setenv("DUOCAP_CACHE", str(tmp_path / "own-cache"))
+    from runs import build_model
     root, good = truncated_dataset
     records = [r for split in data.load_splits("folder", root).values() for r in split]
     config = make_config("explained")
     model, processor, _ = build_model(config)
     config["data_options"] = {**config["data_options"], "strict": False}
-    kept, _ = train.cached_features(model, processor, config, records, "cpu")
+    kept, _ = cached_features(model, processor, config["vision"], records, "cpu", config["data_options"]["strict"])
     assert sorted(r.image.name for r in kept) == sorted(good)
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("the cache was rebuilt")
-    monkeypatch.setattr(data, "compute_features", no_decoding)
+    monkeypatch.setattr(features, "compute_features", no_decoding)
     config["data_options"] = {**config["data_options"], "strict": True}
-    with pytest.raises(SystemExit) as e:
-        train.cached_features(model, processor, config, records, "cpu")
-    message = str(e.value.code)
+    with pytest.raises(data.DataError) as e:
+        cached_features(model, processor, config["vision"], records, "cpu", config["data_options"]["strict"])
+    message = str(e.value)
     assert "2 image(s) failed to decode" in message and "truncated" in message
     assert str(root / "cut.png") in message and str(root / "cut.jpg") in message
 

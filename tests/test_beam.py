@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from captioner import decode, load_run, save_checkpoint
+from decoding import decode
+from runs import load_run, save_run
 from conftest import REPO, VARIANTS, perturb, pixels_for
 
 MAX_NEW = 10
@@ -238,7 +239,7 @@ def test_generate_with_beam_search_prints_one_caption_per_image(make_model, spli
     model, processor, tokenizer, config = make_model("explained", seed=3)
     perturb(model, seed=11)
     run_dir = tmp_path / "run"
-    save_checkpoint(model, config, run_dir)
+    save_run(model, config, run_dir)
     records = splits["test"][:4]
     env = dict(os.environ, DUOCAP_CACHE=str(duocap_cache), PYTHONIOENCODING="utf-8",
                TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from captioner import load_run, save_checkpoint
+from runs import RunError, load_run, save_run
 from conftest import VARIANTS, batch_for, perturb
 
 
@@ -19,7 +19,7 @@ def saved_runs(make_model, tmp_path_factory):
         model, _, _, config = make_model(variant, seed=seed)
         perturb(model, seed=seed + 10)
         run_dir = tmp_path_factory.mktemp(f"run-{variant}")
-        save_checkpoint(model, config, run_dir)
+        save_run(model, config, run_dir)
         runs[variant] = (model, config, run_dir)
     return runs
 
@@ -107,7 +107,7 @@ def test_checkpoint_with_a_reshaped_tensor_is_refused(saved_runs, tmp_path):
 
 
 def test_missing_config_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(RunError, match="config.json"):
         load_run(tmp_path)
 
 

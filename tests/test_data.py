@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import shapes
 from data import Record
 from evaluate import shapes_figures
 
@@ -41,11 +42,11 @@ def test_compositional_split_holds_every_held_out_pair_and_no_other_split_does(s
             pairs = {(o["colour"], o["shape"]) for o in r.meta["objects"]}
             assert pairs, f"{r.image} has no metadata"
             # the captions say the same thing as the metadata
-            assert set().union(*(data.parse_objects(c) for c in r.captions)) == pairs
+            assert set().union(*(shapes.parse_objects(c) for c in r.captions)) == pairs
             if name == "compositional":
-                assert pairs & data.HELD_OUT, f"{r.image} in the compositional split has no held-out pair"
+                assert pairs & shapes.HELD_OUT, f"{r.image} in the compositional split has no held-out pair"
             else:
-                assert not pairs & data.HELD_OUT, f"{r.image} in {name} draws a held-out pair {pairs & data.HELD_OUT}"
+                assert not pairs & shapes.HELD_OUT, f"{r.image} in {name} draws a held-out pair {pairs & shapes.HELD_OUT}"
 
 
 @pytest.fixture(scope="module")
@@ -153,35 +154,35 @@ def test_encode_captions_truncates_to_max_tokens(tokenizer):
 # what a caption says
 
 def test_parse_objects():
-    assert data.parse_objects("a small red circle to the left of a large blue square") == {
+    assert shapes.parse_objects("a small red circle to the left of a large blue square") == {
         ("red", "circle"), ("blue", "square")}
-    assert data.parse_objects("there is a large yellow cross") == {("yellow", "cross")}
-    assert data.parse_objects("a single small purple triangle") == {("purple", "triangle")}
-    assert data.parse_objects("a red thing near a square") == set()
-    assert data.parse_objects("") == set()
+    assert shapes.parse_objects("there is a large yellow cross") == {("yellow", "cross")}
+    assert shapes.parse_objects("a single small purple triangle") == {("purple", "triangle")}
+    assert shapes.parse_objects("a red thing near a square") == set()
+    assert shapes.parse_objects("") == set()
 
 
 def test_parse_relation_normalises_inverse_relations():
-    right = data.parse_relation("a red circle to the right of a blue square")
-    left = data.parse_relation("a blue square to the left of a red circle")
+    right = shapes.parse_relation("a red circle to the right of a blue square")
+    left = shapes.parse_relation("a blue square to the left of a red circle")
     assert right == left == (("blue", "square"), "to the left of", ("red", "circle"))
-    below = data.parse_relation("a large green cross is below a small orange triangle")
-    above = data.parse_relation("there is a small orange triangle above a large green cross")
+    below = shapes.parse_relation("a large green cross is below a small orange triangle")
+    above = shapes.parse_relation("there is a small orange triangle above a large green cross")
     assert below == above == (("orange", "triangle"), "above", ("green", "cross"))
     # a different relation, or the same words with the objects swapped, is not the same
-    assert data.parse_relation("a red circle to the left of a blue square") != right
-    assert data.parse_relation("a red circle above a blue square") != right
+    assert shapes.parse_relation("a red circle to the left of a blue square") != right
+    assert shapes.parse_relation("a red circle above a blue square") != right
     # no relation, or not exactly two objects: nothing to compare
-    assert data.parse_relation("a small red circle") is None
-    assert data.parse_relation("a red circle and a blue square") is None
-    assert data.parse_relation("a red circle to the left of a blue square above a green cross") is None
+    assert shapes.parse_relation("a small red circle") is None
+    assert shapes.parse_relation("a red circle and a blue square") is None
+    assert shapes.parse_relation("a red circle to the left of a blue square above a green cross") is None
 
 
 def test_scene_truth_matches_what_the_generator_draws():
     scene = {"objects": [{"colour": "red", "shape": "circle", "size": "small", "x": 50, "y": 30},
                          {"colour": "blue", "shape": "square", "size": "large", "x": 15, "y": 30}],
              "relation": "to the right of"}
-    objects, relation = data.scene_truth(scene)
+    objects, relation = shapes.scene_truth(scene)
     assert objects == {("red", "circle"), ("blue", "square")}
     assert relation == (("blue", "square"), "to the left of", ("red", "circle"))
 

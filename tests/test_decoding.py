@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from captioner import decode, pick_token
+from decoding import decode, pick_token
 from conftest import VARIANTS, perturb, pixels_for
 
 MAX_NEW = 12

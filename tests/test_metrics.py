@@ -15,9 +15,10 @@ from pycocoevalcap.tokenizer import ptbtokenizer
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 import data
+import shapes
 import evaluate
 import train
-from captioner import decode
+from decoding import decode
 from conftest import pixels_for
 
 METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr"]
@@ -179,7 +180,8 @@ def trained_model(make_model, splits):
     model.train()
     for epoch in range(6):
         order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(epoch)).tolist()
-        for batch in train.make_loader(records, features, processor, tokenizer, config, order, 0):
+        for batch in data.make_loader(records, features, processor, tokenizer, batch_size=config["batch_size"],
+                                         max_tokens=config["max_caption_tokens"], order=order):
             train.train_step(model, [batch], optimizer, scheduler, scaler, params, config)
     return model.eval(), processor, tokenizer
 
@@ -213,7 +215,7 @@ def test_evaluate_run_writes_figures_that_its_predictions_reproduce(trained_mode
         # the figures are those of the saved predictions
         assert_scores_equal(nested, evaluate.caption_metrics(predictions), METRICS)
         assert nested["SPICE"] is None
-        attr = sum(data.parse_objects(p["caption"]) == data.scene_truth(r.meta)[0]
+        attr = sum(shapes.parse_objects(p["caption"]) == shapes.scene_truth(r.meta)[0]
                    for p, r in zip(predictions, records)) / len(records)
         assert nested["attribute_accuracy"] == pytest.approx(attr)
         assert nested["exact_match"] == pytest.approx(

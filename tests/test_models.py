@@ -1,5 +1,4 @@
 """The two fusion variants: what trains, how text meets image, what the LM head sees, the loss."""
-import re
 
 import pytest
 import torch
@@ -193,7 +192,7 @@ def test_more_train_layers_than_the_model_has_is_refused(make_model):
 
 def test_decoding_stops_at_the_end_of_the_position_table(make_model, splits, tokenizer):
     """A short position table bounds the caption instead of crashing the evaluation after training."""
-    from captioner import decode
+    from decoding import decode
     model, processor, _, _ = make_model("self_attention", max_caption_tokens=4)
     state = model.encode_images(pixel_values=pixels_for(processor, splits["test"][:3]))
     eos = tokenizer.eos_token_id

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoints
-from captioner import build_model, load_run, read_config
+from runs import build_model, load_run, read_config
 from conftest import REPO, TRAIN_SCRIPTS, VARIANTS, Script, batch_for
 
 # 64 shapes images x 5 captions = 320 rows: 40 steps an epoch of 8, 80 in all

@@ -10,14 +10,15 @@ import pytest
 import torch
 
 import data
+import shapes
 from conftest import TRAIN_SCRIPTS, Script
 
 PAIRS = [("red", "circle"), ("blue", "square"), ("green", "cross"), ("orange", "triangle"), ("purple", "circle")]
 
 
 def make_image(i):
-    scene = data.sample_scene(random.Random(i), PAIRS)
-    return data.render_scene(scene), data.describe(scene)
+    scene = shapes.sample_scene(random.Random(i), PAIRS)
+    return shapes.render_scene(scene), shapes.describe(scene)
 
 
 def n_refs(i):
@@ -290,7 +291,7 @@ def test_hugging_face_dataset_saved_to_disk(sources, tmp_path):
     # the images were written out as files the rest of the pipeline can read
     for r in splits["train"]:
         assert r.image.is_file() and tmp_path in r.image.parents
-        assert data.read_image(r.image).size == (data.CANVAS, data.CANVAS)
+        assert data.read_image(r.image).size == (shapes.CANVAS, shapes.CANVAS)
 
 
 # -----------------------------------------------------------------------------

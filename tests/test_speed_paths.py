@@ -10,8 +10,10 @@ from PIL import Image
 
 import bench
 import data
+import shapes
+import features as feature_cache
 import train
-from captioner import decode
+from decoding import decode
 from conftest import VARIANTS, perturb, pixels_for
 
 
@@ -32,7 +34,7 @@ def trainable(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-REAL_COMPUTE_FEATURES = data.compute_features  # tests below replace data.compute_features with a counter
+REAL_COMPUTE_FEATURES = feature_cache.compute_features  # tests below replace it with a counter
 
 
 def features_of(model, processor, records):
@@ -44,6 +46,11 @@ def features_of(model, processor, records):
 
 # -----------------------------------------------------------------------------
 # cached features vs pixels through the real pipeline
+
+def loader(records, features, processor, tokenizer, config, order):
+    return data.make_loader(records, features, processor, tokenizer, batch_size=config["batch_size"],
+                            max_tokens=config["max_caption_tokens"], order=order)
+
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cached_features_train_like_pixels(make_model, splits, variant):
@@ -57,8 +64,8 @@ def test_cached_features_train_like_pixels(make_model, splits, variant):
     assert features.shape == (6, (32 // 8) ** 2,
                               cached_model.vision.config.hidden_size)
 
-    cached_batches = list(train.make_loader(records, features, processor, tokenizer, config, order, workers=0))
-    pixel_batches = list(train.make_loader(records, None, processor, tokenizer, config, order, workers=0))
+    cached_batches = list(loader(records, features, processor, tokenizer, config, order))
+    pixel_batches = list(loader(records, None, processor, tokenizer, config, order))
     assert len(cached_batches) == len(pixel_batches) == 3
     for cb, pb in zip(cached_batches, pixel_batches):
         assert "features" in cb and "pixel_values" not in cb
@@ -97,8 +104,7 @@ def test_cached_features_train_like_pixels(make_model, splits, variant):
 @pytest.fixture
 def private_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    monkeypatch.setattr(train, "CACHE", cache)
-    monkeypatch.setattr(data, "CACHE", cache)
+    monkeypatch.setenv("DUOCAP_CACHE", str(cache))
     return cache
 
 
@@ -113,7 +119,7 @@ def copied_records(splits, folder, n=4):
 
 
 class CountingFeatures:
-    """data.compute_features, counting its calls; `refuse` makes any call fail."""
+    """features.compute_features, counting its calls; `refuse` makes any call fail."""
 
     def __init__(self, real):
         self.real, self.calls, self.refuse = real, 0, False
@@ -130,12 +136,12 @@ def test_feature_cache_is_reused_and_rebuilt_when_its_inputs_change(make_model, 
     model, processor, _, config = make_model("explained")
     records = copied_records(splits, tmp_path / "images")
     counter = CountingFeatures(REAL_COMPUTE_FEATURES)
-    monkeypatch.setattr(data, "compute_features", counter)
+    monkeypatch.setattr(feature_cache, "compute_features", counter)
     folder = private_cache / "features"
     files = lambda: sorted(p.name for p in folder.iterdir())
 
     def cached(m=model, proc=processor, cfg=config, recs=records):
-        kept, features = train.cached_features(m, proc, cfg, recs, "cpu")
+        kept, features = feature_cache.cached_features(m, proc, cfg["vision"], recs, "cpu")
         assert kept == recs
         return features
 
@@ -254,7 +260,7 @@ def test_bench_mid_images_are_photo_sized_jpegs_with_their_captions(tmp_path):
             assert (im.format, im.size) == ("JPEG", (500, 375))
         # a flat drawing would code to under 10 KB and decode in a fraction of a photo's time
         assert r.image.stat().st_size > 80_000
-        objects = data.parse_objects(r.captions[0])
+        objects = shapes.parse_objects(r.captions[0])
         assert len(r.captions) == 5 and 1 <= len(objects) <= 2
     # written once: a second call reads the same files and gives the same captions
     stamps = [r.image.stat().st_mtime_ns for r in records]

@@ -1,0 +1,137 @@
+"""
+Decoding strategies over the Captioner protocol (encode_images, next_logits):
+greedy, top-k, top-p, beam search, and captioning a list of images.
+
+Kept as functions beside the models rather than methods on them: both variants
+share every strategy through the same three calls, and the callers (generate.py,
+evaluation, the app, the benchmarks) only need this module and a loaded run.
+"""
+import time
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import data
+
+
+def index_state(state, index):
+    """Select (or reorder) the rows of an encoded image batch."""
+    if isinstance(state, tuple):
+        return tuple(s[index] for s in state)
+    return state[index]
+
+
+def batch_size_of(state):
+    return (state[0] if isinstance(state, tuple) else state).shape[0]
+
+
+def device_of(state):
+    return (state[0] if isinstance(state, tuple) else state).device
+
+
+def strip_eos(rows, eos_id):
+    return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
+
+
+@torch.no_grad()
+def decode(model, state, eos_id, max_new_tokens=30, strategy="greedy", top_k=50, top_p=0.9,
+           temperature=1.0, use_cache=True, generator=None, beams=4, length_penalty=1.0, stop_at_eos=True):
+    """Generate up to max_new_tokens for each image of an encoded batch.
+
+    Every caption starts from the same one-token prompt ([BOS] = EOS), so the
+    batch needs no left padding; a finished row keeps being fed EOS and its
+    later tokens are dropped. Returns a list of token id lists (EOS excluded).
+    stop_at_eos=False always runs max_new_tokens steps (for benchmarks)."""
+    # a learned position table (self-attention) bounds how long a caption can get
+    max_new_tokens = min(max_new_tokens, getattr(model, "max_text_tokens", max_new_tokens))
+    if strategy == "beam":
+        return beam_search(model, state, eos_id, beams, max_new_tokens, length_penalty, use_cache)
+    B = batch_size_of(state)
+    ids = torch.full((B, 1), eos_id, dtype=torch.long, device=device_of(state))
+    done = torch.zeros(B, dtype=torch.bool, device=ids.device)
+    cache = None
+    for _ in range(max_new_tokens):
+        logits, cache = model.next_logits(state, ids, cache, use_cache)
+        token = pick_token(logits, strategy, top_k, top_p, temperature, generator)
+        if stop_at_eos:
+            token = token.masked_fill(done, eos_id)
+            done |= token == eos_id
+        ids = torch.cat([ids, token[:, None]], 1)
+        if done.all():
+            break
+    return strip_eos(ids[:, 1:].tolist(), eos_id)
+
+
+@torch.no_grad()
+def beam_search(model, state, eos_id, beams=4, max_new_tokens=30, length_penalty=1.0, use_cache=True):
+    """Keep the `beams` most probable captions of each image; return the best by
+    log-probability / length**length_penalty. A finished beam only extends with
+    EOS at no cost, so it keeps competing with the unfinished ones. With a cache,
+    the cache rows are reordered along with the beams, never recomputed."""
+    B, N = batch_size_of(state), beams
+    state = index_state(state, torch.arange(B, device=device_of(state)).repeat_interleave(N))
+    ids = torch.full((B * N, 1), eos_id, dtype=torch.long, device=device_of(state))
+    scores = torch.full((B, N), float("-inf"), device=ids.device)
+    scores[:, 0] = 0  # all beams start identical: only the first one may expand
+    lengths = torch.zeros(B * N, device=ids.device)
+    done = torch.zeros(B * N, dtype=torch.bool, device=ids.device)
+    cache = None
+    for _ in range(max_new_tokens):
+        logits, cache = model.next_logits(state, ids, cache, use_cache)
+        logprobs = logits.log_softmax(-1)
+        finished_row = torch.full_like(logprobs[0], float("-inf"))
+        finished_row[eos_id] = 0
+        logprobs[done] = finished_row
+        V = logprobs.shape[-1]
+        candidates = (scores.view(B * N, 1) + logprobs).view(B, N * V)
+        scores, flat = candidates.topk(N, -1)
+        origin = (flat // V + torch.arange(B, device=ids.device)[:, None] * N).view(-1)
+        token = (flat % V).view(-1)
+        lengths = lengths[origin] + ~done[origin]
+        done = done[origin] | (token == eos_id)
+        ids = torch.cat([ids[origin], token[:, None]], 1)
+        if cache is not None:
+            cache.reorder_cache(origin)
+        if done.all():
+            break
+    final = scores.view(-1) / lengths.clamp(min=1) ** length_penalty
+    best = final.view(B, N).argmax(-1) + torch.arange(B, device=ids.device) * N
+    return strip_eos(ids[best, 1:].tolist(), eos_id)
+
+
+def pick_token(logits, strategy, top_k, top_p, temperature, generator):
+    if strategy == "greedy":
+        return logits.argmax(-1)
+    logits = logits / max(temperature, 1e-6)
+    if strategy == "top-k":
+        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    elif strategy == "top-p":
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    else:
+        raise ValueError(f"unknown strategy {strategy!r} (greedy, top-k, top-p, beam)")
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@torch.no_grad()
+def caption_images(model, processor, tokenizer, images, batch_size=64, device="cpu", desc="captioning",
+                   stats=None, **decode_kwargs):
+    """Captions (strings) for a list of PIL images or image paths, batched and KV-cached by default.
+    A `stats` dict gets the number of tokens generated (EOS included when emitted) and the seconds taken."""
+    captions, tokens, t0 = [], 0, time.time()
+    for k in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, unit="batch",
+                  disable=None):
+        batch = [im if isinstance(im, Image.Image) else data.read_image(im) for im in images[k:k + batch_size]]
+        pixels = processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
+        state = model.encode_images(pixel_values=pixels)
+        ids = decode(model, state, tokenizer.eos_token_id, **decode_kwargs)
+        captions += [" ".join(tokenizer.decode(t, skip_special_tokens=True).split()) for t in ids]
+        tokens += sum(len(t) + (len(t) < decode_kwargs.get("max_new_tokens", 30)) for t in ids)
+    if stats is not None:
+        stats.update(tokens=tokens, seconds=time.time() - t0)
+    return captions
