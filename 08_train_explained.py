@@ -1,4 +1,5 @@
 """Train the cross-attention ("explained") captioner. See train.py for the options."""
+
 import train
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ LM with its tokenizer, loaded by hub id or local directory through transformers.
 Nothing else: the offline demo's stand-ins are built by demo.py and then loaded
 here through the same from_pretrained path a hub id takes.
 """
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionModel
 
@@ -12,8 +13,10 @@ def _load(what, name, loader, **kwargs):
     try:
         return loader(name, **kwargs)
     except OSError as e:
-        raise OSError(f"could not load the {what} {name!r}: {e}\nA hub id needs the network (or the "
-                      f"hub cache); a local directory needs the files save_pretrained writes.") from None
+        raise OSError(
+            f"could not load the {what} {name!r}: {e}\nA hub id needs the network (or the "
+            f"hub cache); a local directory needs the files save_pretrained writes."
+        ) from None
 
 
 def load_vision(name):

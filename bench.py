@@ -17,6 +17,7 @@ agree); peak memory; model FLOPs utilisation of the training step (FLOPs counted
 by torch's FlopCounterMode, over the measured peak of a large fp32 matmul on CPU
 or the bf16 dense peak of the GPU).
 """
+
 import argparse
 import json
 import platform
@@ -46,11 +47,22 @@ GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
 
 MID_GRAIN = 30  # standard deviation of the grain added to mid images, in 0-255 steps
 
-FLICKR8K_VISION = dict(image_size=224, patch_size=32, hidden_size=768, num_hidden_layers=12,
-                       num_attention_heads=12, intermediate_size=3072)
-FLICKR8K_LANGUAGE = dict(vocab_size=151936, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
-                         num_key_value_heads=8, head_dim=128, intermediate_size=3072, rope_theta=1000000,
-                         rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=32768)
+FLICKR8K_VISION = dict(
+    image_size=224, patch_size=32, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+)
+FLICKR8K_LANGUAGE = dict(
+    vocab_size=151936,
+    hidden_size=1024,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    intermediate_size=3072,
+    rope_theta=1000000,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    max_position_embeddings=32768,
+)
 
 
 def mid_records(root, n):
@@ -121,7 +133,7 @@ def peak_flops(device):
     for _ in range(reps):
         a @ b
     sync(device)
-    return 2 * n ** 3 * reps / (time.time() - t0), f"measured {n}x{n} {dtype} matmul"
+    return 2 * n**3 * reps / (time.time() - t0), f"measured {n}x{n} {dtype} matmul"
 
 
 def bench_training(model, records, features, processor, tokenizer, config, steps, workers):
@@ -133,9 +145,17 @@ def bench_training(model, records, features, processor, tokenizer, config, steps
     rows = sum(len(r.captions) for r in records)
     passes = -(-(steps + 3) * config["batch_size"] // rows)  # enough passes over the rows for every step
     order = torch.randperm(rows, generator=torch.Generator().manual_seed(0)).repeat(passes)
-    loader = data.make_loader(records, features, processor, tokenizer, batch_size=config["batch_size"],
-                              max_tokens=config["max_caption_tokens"], order=order.tolist(), workers=workers,
-                              pin_memory=config["device"].startswith("cuda"))
+    loader = data.make_loader(
+        records,
+        features,
+        processor,
+        tokenizer,
+        batch_size=config["batch_size"],
+        max_tokens=config["max_caption_tokens"],
+        order=order.tolist(),
+        workers=workers,
+        pin_memory=config["device"].startswith("cuda"),
+    )
     batches = iter(loader)
     model.train()
     for _ in range(2):
@@ -163,7 +183,7 @@ def bench_generation(model, processor, tokenizer, images, device, new_tokens):
         sync(device)
         t0 = time.time()
         for k in range(0, len(images), batch_size):
-            state = model.encode_images(pixel_values=pixels[k:k + batch_size])
+            state = model.encode_images(pixel_values=pixels[k : k + batch_size])
             out += decode(model, state, eos, new_tokens, use_cache=use_cache, stop_at_eos=False)
         sync(device)
         return len(images) * new_tokens / (time.time() - t0), out
@@ -201,8 +221,12 @@ def main():
         records = data.load_splits("shapes", demo.demo_shapes(data.cache_root()))["train"][:256]
     else:
         records = mid_records(data.cache_root() / f"bench-mid-grain{MID_GRAIN}", 256)
-    config = {"device": device, "batch_size": batch_size, "max_caption_tokens": 32,
-              "precision": "bf16" if device.startswith("cuda") else "fp32"}
+    config = {
+        "device": device,
+        "batch_size": batch_size,
+        "max_caption_tokens": 32,
+        "precision": "bf16" if device.startswith("cuda") else "fp32",
+    }
     peak, peak_source = peak_flops(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
@@ -211,31 +235,49 @@ def main():
     mfu = {}
     for cls in VARIANTS.values():
         model = cls(vision, lm).freeze().to(device)
-        cached, _ = features.compute_features(lambda px, m=model: m.image_features(px.to(device)), processor,
-                                              [r.image for r in records])
+        cached, _ = features.compute_features(
+            lambda px, m=model: m.image_features(px.to(device)), processor, [r.image for r in records]
+        )
         warm, flops = bench_training(model, records, cached, processor, tokenizer, config, steps, workers)
         off, _ = bench_training(model, records, None, processor, tokenizer, config, steps, workers)
-        results["train_samples_per_s"][cls.variant] = {"cache_warm": warm, "cache_off": off,
-                                                       "ratio": warm / off}
+        results["train_samples_per_s"][cls.variant] = {"cache_warm": warm, "cache_off": off, "ratio": warm / off}
         results["train_flops_per_step"][cls.variant] = flops
         mfu[cls.variant] = flops * warm / batch_size / peak
         if cls.variant == "explained":
             images = [data.read_image(r.image) for r in records[:n_images]]
             batched, single, same = bench_generation(model, processor, tokenizer, images, device, new_tokens)
-            results["generate_tokens_per_s"] = {"batched_kv": batched, "single_no_kv": single,
-                                                "ratio": batched / single, "identical_greedy_tokens": same,
-                                                "images": n_images, "new_tokens": new_tokens, "variant": cls.variant}
+            results["generate_tokens_per_s"] = {
+                "batched_kv": batched,
+                "single_no_kv": single,
+                "ratio": batched / single,
+                "identical_greedy_tokens": same,
+                "images": n_images,
+                "new_tokens": new_tokens,
+                "variant": cls.variant,
+            }
         del model
     if device.startswith("cuda"):
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2 ** 20
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    results.update(peak_memory_mb=peak_mb, mfu=mfu, peak_flops=peak, peak_flops_source=peak_source,
-                   size=args.size, random_init=args.random_init, device=device,
-                   device_name=torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name(),
-                   batch_size=batch_size, timed_steps=steps, precision=config["precision"],
-                   versions={"torch": torch.__version__, "transformers": transformers.__version__,
-                             "python": platform.python_version()})
+    results.update(
+        peak_memory_mb=peak_mb,
+        mfu=mfu,
+        peak_flops=peak,
+        peak_flops_source=peak_source,
+        size=args.size,
+        random_init=args.random_init,
+        device=device,
+        device_name=torch.cuda.get_device_name(device) if device.startswith("cuda") else cpu_name(),
+        batch_size=batch_size,
+        timed_steps=steps,
+        precision=config["precision"],
+        versions={
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+    )
     print_table(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -243,16 +285,23 @@ def main():
 
 def print_table(r):
     t, g = r["train_samples_per_s"], r["generate_tokens_per_s"]
-    print(f"\nbench --size {r['size']}{' --random-init' if r['random_init'] else ''} on {r['device']} "
-          f"({r['device_name']}), batch {r['batch_size']}, {r['precision']}")
+    print(
+        f"\nbench --size {r['size']}{' --random-init' if r['random_init'] else ''} on {r['device']} "
+        f"({r['device_name']}), batch {r['batch_size']}, {r['precision']}"
+    )
     print(f"{'':34}{'cross-attention':>18}{'self-attention':>18}")
-    for key, label in (("cache_warm", "train samples/s, features cached"), ("cache_off", "train samples/s, cache off"),
-                       ("ratio", "  warm / off")):
+    for key, label in (
+        ("cache_warm", "train samples/s, features cached"),
+        ("cache_off", "train samples/s, cache off"),
+        ("ratio", "  warm / off"),
+    ):
         print(f"{label:34}{t['explained'][key]:>18.1f}{t['self_attention'][key]:>18.1f}")
     print(f"{'MFU of the training step':34}{r['mfu']['explained']:>18.2%}{r['mfu']['self_attention']:>18.2%}")
-    print(f"captioning {g['images']} images x {g['new_tokens']} tokens: batched + KV cache {g['batched_kv']:.0f} tok/s, "
-          f"one at a time without cache {g['single_no_kv']:.1f} tok/s, ratio {g['ratio']:.1f}x, "
-          f"identical greedy tokens: {g['identical_greedy_tokens']}")
+    print(
+        f"captioning {g['images']} images x {g['new_tokens']} tokens: batched + KV cache {g['batched_kv']:.0f} tok/s, "
+        f"one at a time without cache {g['single_no_kv']:.1f} tok/s, ratio {g['ratio']:.1f}x, "
+        f"identical greedy tokens: {g['identical_greedy_tokens']}"
+    )
     print(f"peak memory {r['peak_memory_mb']:.0f} MB; peak FLOP/s {r['peak_flops']:.3g} ({r['peak_flops_source']})")
 
 

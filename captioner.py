@@ -14,6 +14,7 @@ evaluation, the app and the benchmarks):
     logits, cache = model.next_logits(state, ids)                   # prefill
     logits, cache = model.next_logits(state, ids, cache)            # one new token
 """
+
 import hashlib
 
 import torch
@@ -51,7 +52,7 @@ class Captioner(nn.Module):
         layers = self.lm.model.layers
         if not 0 <= self.train_layers <= len(layers):
             raise ValueError(f"--train-layers {self.train_layers}: the language model has {len(layers)} layers")
-        for layer in layers[len(layers) - self.train_layers:]:
+        for layer in layers[len(layers) - self.train_layers :]:
             layer.requires_grad_(True)
         return self
 
@@ -131,12 +132,16 @@ class Captioner(nn.Module):
         expected = {n for n, p in self.named_parameters() if p.requires_grad}
         missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
         if missing or unexpected:
-            raise ValueError(f"{path}: does not fit this {self.variant} model; missing keys "
-                             f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
-                             f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+            raise ValueError(
+                f"{path}: does not fit this {self.variant} model; missing keys "
+                f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
+                f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+            )
         own = self.state_dict()
         for n, t in weights.items():
             if t.shape != own[n].shape:
-                raise ValueError(f"{path}: {n} has shape {tuple(t.shape)} but this model's is "
-                                 f"{tuple(own[n].shape)}: the checkpoint was trained on another backbone")
+                raise ValueError(
+                    f"{path}: {n} has shape {tuple(t.shape)} but this model's is "
+                    f"{tuple(own[n].shape)}: the checkpoint was trained on another backbone"
+                )
         self.load_state_dict(weights, strict=False)

@@ -10,6 +10,7 @@ Tensors go to safetensors and everything else to JSON: loading a checkpoint
 never runs code: JSON and safetensors only. A checkpoint is written into a temporary folder and
 renamed into place, so a kill mid-write leaves the previous one intact.
 """
+
 import json
 import random
 import shutil
@@ -51,8 +52,10 @@ def save(run_dir, model, optimizer, scheduler, scaler, progress, keep=2):
     np_state = np.random.get_state()
     state = {
         "progress": progress,
-        "param_groups": [{k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in g["params"]]}
-                         for g in optimizer.param_groups],
+        "param_groups": [
+            {k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in g["params"]]}
+            for g in optimizer.param_groups
+        ],
         "optimizer_scalars": scalars,
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
@@ -83,7 +86,7 @@ def load(path, model, optimizer, scheduler, scaler):
     optimizer.state.clear()
     for key, value in tensors.items():
         if key.startswith("state."):
-            name, _, field = key[len("state."):].rpartition(".")
+            name, _, field = key[len("state.") :].rpartition(".")
             # AdamW keeps its step count on the CPU (unless fused); the moments live with the parameter
             optimizer.state[params[name]][field] = value if field == "step" else value.to(params[name].device)
     for key, value in state["optimizer_scalars"].items():

@@ -11,12 +11,14 @@ images with references and both captions) and attention.png (one heat map over
 the image per generated word: the cross-attention weights for one variant,
 Qwen's last-layer text-to-image attention for the other).
 """
+
 import argparse
 import json
 import sys
 from pathlib import Path
 
 import matplotlib
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
@@ -41,10 +43,20 @@ def plot_losses(runs, out):
         rows = read_jsonl(run_dir / "metrics.jsonl")
         train_rows = [r for r in rows if "train_loss" in r]
         val_rows = [r for r in rows if "val_loss" in r]
-        ax.plot([r["step"] for r in train_rows], [r["train_loss"] for r in train_rows], color=COLOURS[variant],
-                alpha=0.6, label=f"{NAMES[variant]} train")
-        ax.plot([r["step"] for r in val_rows], [r["val_loss"] for r in val_rows], "o--", color=COLOURS[variant],
-                label=f"{NAMES[variant]} validation")
+        ax.plot(
+            [r["step"] for r in train_rows],
+            [r["train_loss"] for r in train_rows],
+            color=COLOURS[variant],
+            alpha=0.6,
+            label=f"{NAMES[variant]} train",
+        )
+        ax.plot(
+            [r["step"] for r in val_rows],
+            [r["val_loss"] for r in val_rows],
+            "o--",
+            color=COLOURS[variant],
+            label=f"{NAMES[variant]} validation",
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy per caption token")
     ax.set_yscale("log")
@@ -65,8 +77,10 @@ def plot_samples(predictions, out, n=8):
         ax_img.axis("off")
         ax_txt.axis("off")
         lines = [f"reference: {preds[0]['references'][0]}"]
-        lines += [f"{NAMES[v]}: {p['caption']}" + ("" if p["caption"] in p["references"] else "   (no exact match)")
-                  for v, p in zip(variants, preds)]
+        lines += [
+            f"{NAMES[v]}: {p['caption']}" + ("" if p["caption"] in p["references"] else "   (no exact match)")
+            for v, p in zip(variants, preds)
+        ]
         ax_txt.text(0, 0.5, "\n".join(lines), va="center", fontsize=11, family="monospace")
     fig.suptitle("Test images: a reference caption and each variant's greedy caption", fontsize=13)
     fig.tight_layout()
@@ -98,8 +112,9 @@ def plot_attention(runs, records, out, max_words=10):
         row[0].set_title(name, fontsize=10, fontweight="bold")
         for ax, word, m in zip(row[1:], words, maps):
             ax.imshow(image)
-            ax.imshow(m.numpy(), cmap="inferno", alpha=0.6, extent=(0, image.width, image.height, 0),
-                      interpolation="nearest")
+            ax.imshow(
+                m.numpy(), cmap="inferno", alpha=0.6, extent=(0, image.width, image.height, 0), interpolation="nearest"
+            )
             ax.set_title(word, fontsize=11)
     fig.suptitle("Where each generated word looks: attention over the image patches (bright = more)", fontsize=12)
     fig.tight_layout()
@@ -128,20 +143,42 @@ def write_report(runs, evals, out, command, trained_here):
     for k in ("attribute_accuracy", "relation_accuracy", "exact_match", "blind_attribute_accuracy", "CIDEr"):
         if all(k in c for c in comp):
             rows.append((f"compositional {k}", [c[k] for c in comp]))
-    for k in ("trainable_params", "total_params", "steps", "train_time_s", "s_per_step", "train_samples_per_s",
-              "final_train_loss", "final_val_loss"):
+    for k in (
+        "trainable_params",
+        "total_params",
+        "steps",
+        "train_time_s",
+        "s_per_step",
+        "train_samples_per_s",
+        "final_train_loss",
+        "final_val_loss",
+    ):
         rows.append((k, [summaries[v][k] for v in variants]))
-    lines = ["# Cross-attention vs self-attention", "",
-             f"Produced by `{command}`; split `{evals[variants[0]]['split']}`, greedy decoding"
-             + (", the same data, seed and training budget for both." if trained_here else
-                "; the runs were trained elsewhere: check their config.json for data, seed and budget."), "",
-             "| metric | " + " | ".join(NAMES[v] for v in variants) + " |",
-             "|---|" + "---|" * len(variants)]
+    lines = [
+        "# Cross-attention vs self-attention",
+        "",
+        f"Produced by `{command}`; split `{evals[variants[0]]['split']}`, greedy decoding"
+        + (
+            ", the same data, seed and training budget for both."
+            if trained_here
+            else "; the runs were trained elsewhere: check their config.json for data, seed and budget."
+        ),
+        "",
+        "| metric | " + " | ".join(NAMES[v] for v in variants) + " |",
+        "|---|" + "---|" * len(variants),
+    ]
     lines += [f"| {k} | " + " | ".join(fmt(x) for x in vals) + " |" for k, vals in rows]
     notes = evals[variants[0]].get("notes", [])
     lines += [""] + [f"- {n}" for n in notes]
-    lines += ["", "![loss curves](loss_curves.png)", "", "![samples](samples.png)", "",
-              "![attention](attention.png)", ""]
+    lines += [
+        "",
+        "![loss curves](loss_curves.png)",
+        "",
+        "![samples](samples.png)",
+        "",
+        "![attention](attention.png)",
+        "",
+    ]
     (out / "report.md").write_text("\n".join(lines))
     return "\n".join(lines)
 
@@ -175,8 +212,9 @@ def main(argv=None):
     for variant, run_dir in runs.items():
         model, processor, tokenizer, config = load_run(run_dir)
         splits = data.splits_for(config, strict=False)
-        evals[variant] = evaluate_run(model, processor, tokenizer, splits, run_dir, args.split,
-                                      out=out / f"eval_{variant}.json")
+        evals[variant] = evaluate_run(
+            model, processor, tokenizer, splits, run_dir, args.split, out=out / f"eval_{variant}.json"
+        )
         predictions[variant] = read_jsonl(run_dir / f"predictions_{args.split}.jsonl")
     plot_losses(runs, out / "loss_curves.png")
     plot_samples(predictions, out / "samples.png")

@@ -11,6 +11,7 @@ Every source yields Records: one image path with all of its reference captions
   coco      COCO 2017 caption annotations and image folders
   hf:NAME   a Hugging Face dataset saved with save_to_disk (or a hub id, with --download)
 """
+
 import csv
 import io
 import json
@@ -49,6 +50,7 @@ class DataError(ValueError):
 # Loaders never stop at the first bad line or file: they collect one line per
 # problem ("file[:line]: what is wrong") so that a dataset can be fixed in one go,
 # and load_splits either stops with the whole list or leaves those records out.
+
 
 def _to_rgb(im):
     """RGB from any mode: alpha composited on white, 16/32-bit grey scaled down, CMYK converted."""
@@ -178,8 +180,10 @@ def read_split_names(path):
         named = json.loads(Path(path).read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
-    if not (isinstance(named, dict) and all(isinstance(v, list) and all(isinstance(n, str) for n in v)
-                                            for v in named.values())):
+    if not (
+        isinstance(named, dict)
+        and all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in named.values())
+    ):
         raise DataError(f'{path}: expected {{"train": ["image name", ...], "val": [...], "test": [...]}}')
     return named
 
@@ -191,8 +195,11 @@ def check_split_names(rows, named, split_files, captions_file, problems):
     in_a_split = {n for names in named.values() for n in names}
     captioned = {name for name, _, _ in rows}
     for split, names in named.items():
-        problems += [f"{split_files[split]}: {n} (in {split}) has no caption in {captions_file}"
-                     for n in names if n not in captioned]
+        problems += [
+            f"{split_files[split]}: {n} (in {split}) has no caption in {captions_file}"
+            for n in names
+            if n not in captioned
+        ]
     unused = captioned - in_a_split
     if unused:
         print(f"{captions_file}: captions of {len(unused)} image(s) in no split file are not used")
@@ -209,9 +216,11 @@ def load_folder(root, problems):
     elif csv_file.is_file():
         captions_file, rows = csv_file, read_csv_captions(csv_file, problems)
     else:
-        raise DataError(f"{root}: no captions.jsonl or captions.csv here. A folder dataset is images plus "
-                        'captions.jsonl with one {"image": "relative/path.jpg", "caption": "..."} per line, '
-                        "or captions.csv with the columns image,caption")
+        raise DataError(
+            f"{root}: no captions.jsonl or captions.csv here. A folder dataset is images plus "
+            'captions.jsonl with one {"image": "relative/path.jpg", "caption": "..."} per line, '
+            "or captions.csv with the columns image,caption"
+        )
     splits_file = root / "splits.json"
     named = read_split_names(splits_file) if splits_file.is_file() else None
     if named is not None:
@@ -243,11 +252,17 @@ def require(paths, what, hint):
 def load_flickr8k(root, problems):
     root = Path(root)
     token_file, image_dir = root / "Flickr8k.token.txt", root / "Flicker8k_Dataset"
-    split_files = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
-                   "test": "Flickr_8k.testImages.txt"}
-    require([token_file, image_dir] + [root / f for f in split_files.values()], f"Flickr8k under {root}",
-            "Put the images in Flicker8k_Dataset/ (the official, misspelled name) and Flickr8k.token.txt and "
-            "the Flickr_8k.*Images.txt split files beside it, or pass --data-dir")
+    split_files = {
+        "train": "Flickr_8k.trainImages.txt",
+        "val": "Flickr_8k.devImages.txt",
+        "test": "Flickr_8k.testImages.txt",
+    }
+    require(
+        [token_file, image_dir] + [root / f for f in split_files.values()],
+        f"Flickr8k under {root}",
+        "Put the images in Flicker8k_Dataset/ (the official, misspelled name) and Flickr8k.token.txt and "
+        "the Flickr_8k.*Images.txt split files beside it, or pass --data-dir",
+    )
     names = {split: [line.strip() for _, line in text_lines(root / f, problems)] for split, f in split_files.items()}
     rows = []
     for n, line in text_lines(token_file, problems):
@@ -270,8 +285,10 @@ def load_karpathy(root, problems, image_root=None, restval="train"):
     root = Path(root)
     found = sorted(root.glob("dataset_*.json"))
     if len(found) != 1:
-        raise DataError(f"{root}: expected one Karpathy split file dataset_<name>.json here, found "
-                        f"{[f.name for f in found] or 'none'}")
+        raise DataError(
+            f"{root}: expected one Karpathy split file dataset_<name>.json here, found "
+            f"{[f.name for f in found] or 'none'}"
+        )
     image_root = Path(image_root) if image_root else (root / "images" if (root / "images").is_dir() else root)
     rows, split_of = [], {}
     for k, e in enumerate(json.loads(found[0].read_text(encoding="utf-8"))["images"]):
@@ -291,14 +308,23 @@ def load_coco(root, problems, seed=0):
     and val2017 as the test split, since the 2017 test images have no public captions."""
     root = Path(root)
     ann = {s: root / "annotations" / f"captions_{s}2017.json" for s in ("train", "val")}
-    require(list(ann.values()) + [root / "train2017", root / "val2017"], f"COCO under {root}",
-            "Expected annotations/captions_{train,val}2017.json and the image folders train2017/ and val2017/")
+    require(
+        list(ann.values()) + [root / "train2017", root / "val2017"],
+        f"COCO under {root}",
+        "Expected annotations/captions_{train,val}2017.json and the image folders train2017/ and val2017/",
+    )
     out = {}
     for split, path in ann.items():
         d = json.loads(path.read_text(encoding="utf-8"))
         names = {im["id"]: im["file_name"] for im in d["images"]}
-        rows = [(names.get(a["image_id"], f"<unknown image id {a['image_id']}>"), a["caption"],
-                 f"{path} annotation {a.get('id', k)}") for k, a in enumerate(d["annotations"])]
+        rows = [
+            (
+                names.get(a["image_id"], f"<unknown image id {a['image_id']}>"),
+                a["caption"],
+                f"{path} annotation {a.get('id', k)}",
+            )
+            for k, a in enumerate(d["annotations"])
+        ]
         out[split] = group_captions(root / f"{split}2017", rows, problems)
     held = split_by_image(out["train"], seed, val_fraction=0.05, test_fraction=0.0)
     return {"train": held["train"], "val": held["val"], "test": out["val"]}
@@ -308,6 +334,7 @@ def load_hf(name, problems, cache_dir, image_column="image", caption_columns=("c
     """A Hugging Face dataset (a save_to_disk folder, or a hub id with --download). Its images
     are written once to cache_dir as files, so the rest of the pipeline sees paths."""
     import datasets
+
     if Path(name).exists():
         ds = datasets.load_from_disk(name)
     elif download:
@@ -320,13 +347,16 @@ def load_hf(name, problems, cache_dir, image_column="image", caption_columns=("c
     for split, part in ds.items():
         missing = [c for c in (image_column, *caption_columns) if c not in part.column_names]
         if missing:
-            raise DataError(f"hf:{name} split {split}: no column {missing[0]!r} (it has {part.column_names}); "
-                            "pass --image-column / --caption-column")
+            raise DataError(
+                f"hf:{name} split {split}: no column {missing[0]!r} (it has {part.column_names}); "
+                "pass --image-column / --caption-column"
+            )
         folder = Path(cache_dir) / f"hf-{part._fingerprint}"
         if not (folder / "done").is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            for i, image in enumerate(tqdm(part[image_column], desc=f"hf:{name} {split}: writing images",
-                                               leave=False, disable=None)):
+            for i, image in enumerate(
+                tqdm(part[image_column], desc=f"hf:{name} {split}: writing images", leave=False, disable=None)
+            ):
                 (image if isinstance(image, Image.Image) else Image.open(image)).save(folder / f"{i:07d}.png")
             (folder / "done").write_text("")
         rows = []
@@ -345,15 +375,28 @@ def split_by_image(records, seed=0, val_fraction=0.05, test_fraction=0.05):
     n_val = max(1, int(len(records) * val_fraction))
     n_test = max(1, int(len(records) * test_fraction)) if test_fraction else 0
     pick = lambda idx: [records[i] for i in idx]
-    return {"train": pick(order[n_val + n_test:]), "val": pick(order[:n_val]),
-            "test": pick(order[n_val:n_val + n_test])}
+    return {
+        "train": pick(order[n_val + n_test :]),
+        "val": pick(order[:n_val]),
+        "test": pick(order[n_val : n_val + n_test]),
+    }
 
 
 SOURCES = ("shapes", "folder", "flickr8k", "karpathy", "coco", "hf:<name or path>")
 
 
-def load_splits(source, data_dir, seed=0, strict=True, cache_dir=None, image_root=None, restval="train",
-                image_column="image", caption_columns=("caption",), download=False):
+def load_splits(
+    source,
+    data_dir,
+    seed=0,
+    strict=True,
+    cache_dir=None,
+    image_root=None,
+    restval="train",
+    image_column="image",
+    caption_columns=("caption",),
+    download=False,
+):
     """{split: [Record]} for a source. Every problem found is one line naming the file
     (and line) and what is wrong; strict stops with all of them, otherwise the bad
     records are left out and counted. Nothing is silently replaced."""
@@ -373,8 +416,10 @@ def load_splits(source, data_dir, seed=0, strict=True, cache_dir=None, image_roo
     if problems:
         listing = "\n".join(f"  {p}" for p in problems)
         if strict:
-            raise DataError(f"{len(problems)} problem(s) in the {source} data at {data_dir}:\n{listing}\n"
-                            "Fix them, or pass --skip-bad to leave those records out.")
+            raise DataError(
+                f"{len(problems)} problem(s) in the {source} data at {data_dir}:\n{listing}\n"
+                "Fix them, or pass --skip-bad to leave those records out."
+            )
         print(f"{len(problems)} problem(s) in the {source} data; --skip-bad leaves them out:\n{listing}")
     if set(splits) == {"all"}:
         splits = split_by_image(splits["all"], seed)
@@ -395,11 +440,18 @@ def load_splits(source, data_dir, seed=0, strict=True, cache_dir=None, image_roo
 def splits_for(config, strict=None, cache_dir=None):
     """The splits a run's config names (its source, folder and data options)."""
     opts = config.get("data_options", {})
-    return load_splits(config["data"], config["data_dir"], config["seed"],
-                       strict=opts.get("strict", True) if strict is None else strict, cache_dir=cache_dir,
-                       image_root=opts.get("image_root"), restval=opts.get("restval", "train"),
-                       image_column=opts.get("image_column", "image"),
-                       caption_columns=opts.get("caption_columns", ["caption"]), download=opts.get("download", False))
+    return load_splits(
+        config["data"],
+        config["data_dir"],
+        config["seed"],
+        strict=opts.get("strict", True) if strict is None else strict,
+        cache_dir=cache_dir,
+        image_root=opts.get("image_root"),
+        restval=opts.get("restval", "train"),
+        image_column=opts.get("image_column", "image"),
+        caption_columns=opts.get("caption_columns", ["caption"]),
+        download=opts.get("download", False),
+    )
 
 
 def describe_splits(splits):
@@ -408,6 +460,7 @@ def describe_splits(splits):
 
 # -----------------------------------------------------------------------------
 # captions -> model inputs
+
 
 def encode_captions(tokenizer, captions, max_tokens):
     """input ids = [BOS] + caption, targets = caption + [EOS], right-padded.
@@ -448,7 +501,6 @@ class CaptionRows(torch.utils.data.Dataset):
         return i, image, caption
 
 
-
 def decode_check(records):
     """(records whose image fully decodes, [problem]); the cheap check at loading only reads headers."""
     good, bad = [], []
@@ -465,8 +517,9 @@ def stop_or_skip(problems, strict):
     """Images that failed to decode: a DataError listing them all, or (strict False) a line for each left out."""
     if problems and strict:
         listing = "\n".join(f"  {message}" for message in problems)
-        raise DataError(f"{len(problems)} image(s) failed to decode:\n{listing}\n"
-                        "Fix them, or pass --skip-bad to leave them out.")
+        raise DataError(
+            f"{len(problems)} image(s) failed to decode:\n{listing}\nFix them, or pass --skip-bad to leave them out."
+        )
     for message in problems:
         print(f"--skip-bad: left out {message}")
 
@@ -489,13 +542,20 @@ class Collate:
         return batch
 
 
-def make_loader(records, features, processor, tokenizer, *, batch_size, max_tokens, order=None, workers=0,
-                pin_memory=False, seed=0):
+def make_loader(
+    records, features, processor, tokenizer, *, batch_size, max_tokens, order=None, workers=0, pin_memory=False, seed=0
+):
     """Batches of caption rows, in `order` (a list of row indices; None = as stored), from cached
     features when given, else from the images decoded in the loader."""
     rows = CaptionRows(records, load_pixels=features is None)
     collate = Collate(tokenizer, processor, features, max_tokens)
     # its own generator: worker seeds must not consume the global RNG, or a resumed run would drift
-    return torch.utils.data.DataLoader(rows, batch_size=batch_size, sampler=order, collate_fn=collate,
-                                       num_workers=workers, pin_memory=pin_memory,
-                                       generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader(
+        rows,
+        batch_size=batch_size,
+        sampler=order,
+        collate_fn=collate,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+    )

@@ -6,6 +6,7 @@ Kept as functions beside the models rather than methods on them: both variants
 share every strategy through the same three calls, and the callers (generate.py,
 evaluation, the app, the benchmarks) only need this module and a loaded run.
 """
+
 import time
 
 import torch
@@ -31,12 +32,25 @@ def device_of(state):
 
 
 def strip_eos(rows, eos_id):
-    return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]
+    return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
 
 
 @torch.no_grad()
-def decode(model, state, eos_id, max_new_tokens=30, strategy="greedy", top_k=50, top_p=0.9,
-           temperature=1.0, use_cache=True, generator=None, beams=4, length_penalty=1.0, stop_at_eos=True):
+def decode(
+    model,
+    state,
+    eos_id,
+    max_new_tokens=30,
+    strategy="greedy",
+    top_k=50,
+    top_p=0.9,
+    temperature=1.0,
+    use_cache=True,
+    generator=None,
+    beams=4,
+    length_penalty=1.0,
+    stop_at_eos=True,
+):
     """Generate up to max_new_tokens for each image of an encoded batch.
 
     Every caption starts from the same one-token prompt ([BOS] = EOS), so the
@@ -119,14 +133,14 @@ def pick_token(logits, strategy, top_k, top_p, temperature, generator):
 
 
 @torch.no_grad()
-def caption_images(model, processor, tokenizer, images, batch_size=64, device="cpu", desc="captioning",
-                   stats=None, **decode_kwargs):
+def caption_images(
+    model, processor, tokenizer, images, batch_size=64, device="cpu", desc="captioning", stats=None, **decode_kwargs
+):
     """Captions (strings) for a list of PIL images or image paths, batched and KV-cached by default.
     A `stats` dict gets the number of tokens generated (EOS included when emitted) and the seconds taken."""
     captions, tokens, t0 = [], 0, time.time()
-    for k in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, unit="batch",
-                  disable=None):
-        batch = [im if isinstance(im, Image.Image) else data.read_image(im) for im in images[k:k + batch_size]]
+    for k in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, unit="batch", disable=None):
+        batch = [im if isinstance(im, Image.Image) else data.read_image(im) for im in images[k : k + batch_size]]
         pixels = processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
         state = model.encode_images(pixel_values=pixels)
         ids = decode(model, state, tokenizer.eos_token_id, **decode_kwargs)

@@ -10,6 +10,7 @@ pretrained when it is built: the vision tower with per-patch supervision about
 the shapes under each patch, the LM on the caption text. Built deterministically
 from a seed.
 """
+
 import hashlib
 import json
 import random
@@ -24,8 +25,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel,
-                          PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (
+    AutoTokenizer,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PreTrainedTokenizerFast,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 import data
 import shapes
@@ -36,11 +44,23 @@ DEMO = {
     "version": 1,
     "seed": 0,
     "shapes": {"n_train": 4000, "n_val": 250, "n_test": 500, "n_compositional": 500},
-    "vision": {"image_size": 64, "patch_size": 16, "hidden_size": 128, "num_hidden_layers": 3,
-               "num_attention_heads": 4, "intermediate_size": 512},
+    "vision": {
+        "image_size": 64,
+        "patch_size": 16,
+        "hidden_size": 128,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "intermediate_size": 512,
+    },
     "vision_pretrain": {"images": 12000, "steps": 1200, "batch_size": 128, "lr": 2e-3},
-    "language": {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
-                 "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 384},
+    "language": {
+        "hidden_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 32,
+        "intermediate_size": 384,
+    },
     "language_pretrain": {"epochs": 2, "batch_size": 128, "lr": 3e-3},
     "vocab_size": 512,  # room for every caption word to be one token
 }
@@ -88,8 +108,12 @@ def build_tokenizer(captions, vocab_size):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(captions, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
 
@@ -97,9 +121,15 @@ def build_tokenizer(captions, vocab_size):
 def build_language(out_dir, captions, spec):
     """A tiny Qwen3 pretrained on the caption text, so that it knows the words and when to stop."""
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    config = Qwen3Config(vocab_size=len(tokenizer), tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.eos_token_id, bos_token_id=None, max_position_embeddings=512,
-                         **spec["language"])
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        max_position_embeddings=512,
+        **spec["language"],
+    )
     lm = Qwen3ForCausalLM(config)
     hp = spec["language_pretrain"]
     ids, targets, mask = data.encode_captions(tokenizer, captions, max_tokens=64)
@@ -109,10 +139,10 @@ def build_language(out_dir, captions, spec):
     gen = torch.Generator().manual_seed(spec["seed"])
     lm.train()
     step = 0
-    for epoch in range(hp["epochs"]):
+    for _epoch in range(hp["epochs"]):
         perm = torch.randperm(len(captions), generator=gen)
         for k in range(0, len(perm) - hp["batch_size"] + 1, hp["batch_size"]):
-            b = perm[k:k + hp["batch_size"]]
+            b = perm[k : k + hp["batch_size"]]
             logits = lm(input_ids=ids[b], attention_mask=mask[b]).logits
             loss = F.cross_entropy(logits.flatten(0, 1), targets[b].flatten(), ignore_index=-100)
             opt.zero_grad(set_to_none=True)
@@ -157,15 +187,20 @@ def build_vision(out_dir, spec):
     cfg = spec["vision"]
     config = CLIPVisionConfig(**cfg)
     vision = CLIPVisionModel(config)
-    processor = CLIPImageProcessor(size={"shortest_edge": cfg["image_size"]},
-                                   crop_size={"height": cfg["image_size"], "width": cfg["image_size"]})
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": cfg["image_size"]}, crop_size={"height": cfg["image_size"], "width": cfg["image_size"]}
+    )
     hp = spec["vision_pretrain"]
     grid = cfg["image_size"] // cfg["patch_size"]
     rng = random.Random(spec["seed"] + 1)
     seen = [(c, s) for c in shapes.COLOURS for s in shapes.SHAPES if (c, s) not in shapes.HELD_OUT]
     scenes = [shapes.sample_scene(rng, seen) for _ in range(hp["images"])]
-    pixels = torch.cat([processor(images=[shapes.render_scene(s) for s in scenes[k:k + 512]],
-                                  return_tensors="pt")["pixel_values"] for k in range(0, len(scenes), 512)])
+    pixels = torch.cat(
+        [
+            processor(images=[shapes.render_scene(s) for s in scenes[k : k + 512]], return_tensors="pt")["pixel_values"]
+            for k in range(0, len(scenes), 512)
+        ]
+    )
     targets = [torch.tensor(np.stack(t)) for t in zip(*(patch_targets(s, grid) for s in scenes))]
     H = cfg["hidden_size"]
     heads = nn.ModuleList([nn.Linear(H, t.shape[-1]) for t in targets])  # 4 per patch, 1 on the mean
@@ -174,11 +209,12 @@ def build_vision(out_dir, spec):
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, hp["lr"], total_steps=hp["steps"], pct_start=0.1)
     gen = torch.Generator().manual_seed(spec["seed"])
     vision.train()
-    for step in range(hp["steps"]):
+    for _step in range(hp["steps"]):
         b = torch.randint(len(scenes), (hp["batch_size"],), generator=gen)
         patches = vision(pixel_values=pixels[b]).last_hidden_state[:, 1:]
-        loss = sum(F.cross_entropy(head(patches).flatten(0, 1), t[b].flatten(0, 1))
-                   for head, t in zip(heads[:4], targets[:4]))
+        loss = sum(
+            F.cross_entropy(head(patches).flatten(0, 1), t[b].flatten(0, 1)) for head, t in zip(heads[:4], targets[:4])
+        )
         loss = loss + F.binary_cross_entropy_with_logits(heads[4](patches.mean(1)), targets[4][b])
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -14,6 +14,7 @@ evaluation (pycocoevalcap): BLEU-1..4, METEOR, ROUGE_L and CIDEr against all
 reference captions of each image, after PTB tokenisation. SPICE is reported
 as null: it downloads Stanford CoreNLP models at run time.
 """
+
 import argparse
 import json
 import re
@@ -25,14 +26,14 @@ import shapes
 from decoding import caption_images
 from runs import load_run
 
-
 SPICE_NOTE = "SPICE is not computed: it downloads Stanford CoreNLP models at run time"
 
 
 def plain_tokenize(captions_by_image):
     """The fallback when Java (needed by the PTB tokenizer) is missing: lowercase, words only."""
-    return {k: [" ".join(re.findall(r"[a-z0-9]+", c["caption"].lower())) for c in v]
-            for k, v in captions_by_image.items()}
+    return {
+        k: [" ".join(re.findall(r"[a-z0-9]+", c["caption"].lower())) for c in v] for k, v in captions_by_image.items()
+    }
 
 
 def caption_metrics(predictions):
@@ -58,9 +59,14 @@ def caption_metrics(predictions):
     scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
     scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     scores["SPICE"] = None
-    scores["notes"] = [SPICE_NOTE] + ([] if java else [
-        "no java found: METEOR skipped, and BLEU/ROUGE_L/CIDEr use a plain lowercase word tokenizer "
-        "instead of the PTB tokenizer, so they are not comparable with published figures"])
+    scores["notes"] = [SPICE_NOTE] + (
+        []
+        if java
+        else [
+            "no java found: METEOR skipped, and BLEU/ROUGE_L/CIDEr use a plain lowercase word tokenizer "
+            "instead of the PTB tokenizer, so they are not comparable with published figures"
+        ]
+    )
     return scores
 
 
@@ -78,8 +84,7 @@ def shapes_figures(records, captions):
     return {"attribute_accuracy": attr / n, "relation_accuracy": rel / max(pairs, 1), "exact_match": exact / n}
 
 
-def evaluate_split(model, processor, tokenizer, records, device="cpu", batch_size=64, metrics=True,
-                   **decode_kwargs):
+def evaluate_split(model, processor, tokenizer, records, device="cpu", batch_size=64, metrics=True, **decode_kwargs):
     """(figures, predictions) for a split; shapes data also gets the blind control.
     An image that fails to decode is reported and left out of the figures."""
     records, bad = data.decode_check(records)
@@ -88,23 +93,32 @@ def evaluate_split(model, processor, tokenizer, records, device="cpu", batch_siz
     images = [r.image for r in records]  # decoded a batch at a time: a whole split may not fit in memory
     stats = {}
     captions = caption_images(model, processor, tokenizer, images, batch_size, device, stats=stats, **decode_kwargs)
-    predictions = [{"image": str(r.image), "caption": c, "references": r.captions}
-                   for r, c in zip(records, captions)]
-    figures = {"n_images": len(records), "generate_tokens_per_s": stats["tokens"] / stats["seconds"],
-               "exact_match": sum(c in r.captions for r, c in zip(records, captions)) / len(records)}
+    predictions = [{"image": str(r.image), "caption": c, "references": r.captions} for r, c in zip(records, captions)]
+    figures = {
+        "n_images": len(records),
+        "generate_tokens_per_s": stats["tokens"] / stats["seconds"],
+        "exact_match": sum(c in r.captions for r, c in zip(records, captions)) / len(records),
+    }
     if metrics:
         figures.update(caption_metrics(predictions))
     if all(r.meta.get("objects") for r in records):
         figures.update(shapes_figures(records, captions))
         # each image captioned from the next image's pixels, scored against its own scene
-        blind = caption_images(model, processor, tokenizer, images[1:] + images[:1], batch_size, device,
-                               desc="blind control", **decode_kwargs)
+        blind = caption_images(
+            model,
+            processor,
+            tokenizer,
+            images[1:] + images[:1],
+            batch_size,
+            device,
+            desc="blind control",
+            **decode_kwargs,
+        )
         figures.update({f"blind_{k}": v for k, v in shapes_figures(records, blind).items()})
     return figures, predictions
 
 
-def evaluate_run(model, processor, tokenizer, splits, run_dir, split="test", device="cpu", out=None,
-                 **decode_kwargs):
+def evaluate_run(model, processor, tokenizer, splits, run_dir, split="test", device="cpu", out=None, **decode_kwargs):
     """Write eval_<split>.json (with the compositional split nested, when there is one)
     and predictions_<split>.jsonl; returns the figures."""
     run_dir = Path(run_dir)
@@ -113,8 +127,9 @@ def evaluate_run(model, processor, tokenizer, splits, run_dir, split="test", dev
     figures = {"split": split, **figures}
     data.write_jsonl(run_dir / f"predictions_{split}.jsonl", predictions)
     if split == "test" and "compositional" in splits:
-        comp, comp_predictions = evaluate_split(model, processor, tokenizer, splits["compositional"], device,
-                                                **decode_kwargs)
+        comp, comp_predictions = evaluate_split(
+            model, processor, tokenizer, splits["compositional"], device, **decode_kwargs
+        )
         figures["compositional"] = comp
         data.write_jsonl(run_dir / "predictions_compositional.jsonl", comp_predictions)
     Path(out or run_dir / f"eval_{split}.json").write_text(json.dumps(figures, indent=2))
@@ -141,9 +156,21 @@ def main(argv=None):
     if args.split not in splits:
         raise SystemExit(f"error: {config['data_dir']} has no split {args.split!r} (it has {', '.join(splits)})")
     model.to(args.device)
-    figures = evaluate_run(model, processor, tokenizer, splits, args.checkpoint, args.split, args.device, args.out,
-                           strategy=args.strategy, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                           beams=args.beams, length_penalty=args.length_penalty)
+    figures = evaluate_run(
+        model,
+        processor,
+        tokenizer,
+        splits,
+        args.checkpoint,
+        args.split,
+        args.device,
+        args.out,
+        strategy=args.strategy,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        beams=args.beams,
+        length_penalty=args.length_penalty,
+    )
     print(json.dumps(figures, indent=2))
 
 

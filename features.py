@@ -6,6 +6,7 @@ name and config, the preprocessing, and each image file (path, size, mtime).
 Images that fail to fully decode are recorded with the features, so that every
 later run reports them the same way without decoding them again.
 """
+
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ def compute_features(encode, processor, paths, batch_size=64, desc="image featur
     chunks, bad = [], []
     for k in tqdm(range(0, len(paths), batch_size), desc=desc, leave=False, unit="batch", disable=None):
         images = []
-        for i, p in enumerate(paths[k:k + batch_size], k):
+        for i, p in enumerate(paths[k : k + batch_size], k):
             try:
                 images.append(data.read_image(p))
             except data.DataError as e:
@@ -54,8 +55,9 @@ def cached_features(model, processor, vision_name, records, device, strict=True)
     DataError listing them, or (strict False) are left out: the records returned are the ones kept."""
     path = data.cache_root() / "features" / f"{cache_key(vision_name, model.vision, processor, records)}-v3.safetensors"
     if not path.is_file():
-        features, bad = compute_features(lambda pixels: model.image_features(pixels.to(device)), processor,
-                                         [r.image for r in records])
+        features, bad = compute_features(
+            lambda pixels: model.image_features(pixels.to(device)), processor, [r.image for r in records]
+        )
         dropped = {i for i, _ in bad}
         kept = torch.tensor([i for i in range(len(records)) if i not in dropped], dtype=torch.long)
         path.parent.mkdir(parents=True, exist_ok=True)

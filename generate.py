@@ -9,6 +9,7 @@ the whole sequence for every token (slow; for checking). A missing or
 unreadable input is reported on stderr, the others are still captioned, and the
 exit status is 1 if any input failed.
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -72,11 +73,23 @@ def main(argv=None):
     if images:
         model.to(args.device)
         generator = torch.Generator(args.device).manual_seed(args.seed)
-        captions = caption_images(model, processor, tokenizer, images, args.batch_size, args.device,
-                                  strategy=args.strategy, top_k=args.top_k, top_p=args.top_p,
-                                  temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                                  beams=args.beams, length_penalty=args.length_penalty,
-                                  use_cache=not args.no_kv_cache, generator=generator)
+        captions = caption_images(
+            model,
+            processor,
+            tokenizer,
+            images,
+            args.batch_size,
+            args.device,
+            strategy=args.strategy,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            temperature=args.temperature,
+            max_new_tokens=args.max_new_tokens,
+            beams=args.beams,
+            length_penalty=args.length_penalty,
+            use_cache=not args.no_kv_cache,
+            generator=generator,
+        )
         for f, c in zip(good, captions):
             print(f"{f}\t{c}")
     return 1 if errors else 0

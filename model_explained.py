@@ -9,6 +9,7 @@ Each text query attends only to image tokens, so the fusion of token t never
 depends on the other text tokens: decoding fuses one new token at a time and
 still uses Qwen's KV cache.
 """
+
 import math
 
 import torch.nn as nn

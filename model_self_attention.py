@@ -6,6 +6,7 @@ learned absolute position embedding is added and an input LayerNorm applied,
 and Qwen's own self-attention does the fusion. The loss covers only the text
 positions, and the LM head only runs there.
 """
+
 import torch
 import torch.nn as nn
 
@@ -43,8 +44,9 @@ class SelfAttentionCaptioner(Captioner):
                 f"a sequence of {state.shape[1]} image + {start + ids.shape[1]} text positions does not fit "
                 f"the position table of {self.positions.num_embeddings} ({self.n_image_tokens} image + "
                 f"{self.positions.num_embeddings - self.n_image_tokens} text); train with a larger "
-                f"--max-caption-tokens or generate fewer tokens")
-        return self.input_norm(x + self.positions.weight[first:first + x.shape[1]])
+                f"--max-caption-tokens or generate fewer tokens"
+            )
+        return self.input_norm(x + self.positions.weight[first : first + x.shape[1]])
 
     def image_attention(self, state, ids):
         """[B, T, P]: Qwen's last-layer attention from each text position to the image

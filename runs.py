@@ -8,6 +8,7 @@ This is the one module that knows both variants (VARIANTS, the registry). A run
 is refused, with a message saying why, when it is not a run, holds the other
 variant, or was trained on other backbone weights than the ones found now.
 """
+
 import json
 from pathlib import Path
 
@@ -77,6 +78,8 @@ def load_run(run_dir, variant=None):
 def check_backbones(model, config, run_dir):
     expected = config.get("backbone_fingerprint")
     if expected and expected != model.backbone_fingerprint():
-        raise RunError(f"{run_dir} was trained on other backbone weights than {config['vision']} and "
-                       f"{config['language']} hold now (fingerprint {model.backbone_fingerprint()}, "
-                       f"expected {expected}): were the backbones rebuilt or replaced since training?")
+        raise RunError(
+            f"{run_dir} was trained on other backbone weights than {config['vision']} and "
+            f"{config['language']} hold now (fingerprint {model.backbone_fingerprint()}, "
+            f"expected {expected}): were the backbones rebuilt or replaced since training?"
+        )

@@ -6,6 +6,7 @@ Sampling and rendering scenes, their reference captions, the dataset written to
 disk (images, captions.jsonl, metadata.jsonl, splits.json), and reading a
 caption back into the objects and relation it names, for scoring.
 """
+
 import json
 import random
 import re
@@ -16,12 +17,22 @@ from PIL import Image, ImageDraw
 
 import data
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 60, 220),
-           "yellow": (235, 205, 0), "purple": (140, 40, 170), "orange": (245, 130, 0)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 40),
+    "blue": (30, 60, 220),
+    "yellow": (235, 205, 0),
+    "purple": (140, 40, 170),
+    "orange": (245, 130, 0),
+}
 SHAPES = ["circle", "square", "triangle", "cross"]
 SIZES = {"small": 7, "large": 12}  # radius in pixels on a 64x64 canvas
-RELATIONS = {"to the left of": "to the right of", "to the right of": "to the left of",
-             "above": "below", "below": "above"}
+RELATIONS = {
+    "to the left of": "to the right of",
+    "to the right of": "to the left of",
+    "above": "below",
+    "below": "above",
+}
 # (colour, shape) pairs never drawn in train/val: the compositional test holds them
 HELD_OUT = {("red", "triangle"), ("blue", "cross"), ("green", "circle"), ("yellow", "square")}
 CANVAS = 64
@@ -104,12 +115,16 @@ def describe(scene):
     if len(objs) == 1:
         a = phrase(objs[0])
         o = objs[0]
-        return [a, f"there is {a}", f"{a} on a white background", f"a picture of {a}",
-                f"a single {o['size']} {o['colour']} {o['shape']}"]
+        return [
+            a,
+            f"there is {a}",
+            f"{a} on a white background",
+            f"a picture of {a}",
+            f"a single {o['size']} {o['colour']} {o['shape']}",
+        ]
     a, b = phrase(objs[0]), phrase(objs[1])
     rel, inv = scene["relation"], RELATIONS[scene["relation"]]
-    return [f"{a} {rel} {b}", f"{b} {inv} {a}", f"there is {a} {rel} {b}",
-            f"{a} is {rel} {b}", f"{b} is {inv} {a}"]
+    return [f"{a} {rel} {b}", f"{b} {inv} {a}", f"there is {a} {rel} {b}", f"{a} is {rel} {b}", f"{b} is {inv} {a}"]
 
 
 def make_shapes_dataset(root, n_train=4000, n_val=250, n_test=500, n_compositional=500, seed=0):
@@ -146,8 +161,8 @@ def make_shapes_dataset(root, n_train=4000, n_val=250, n_test=500, n_composition
 # -----------------------------------------------------------------------------
 # reading what a caption says about the shapes (for attribute accuracy)
 
-_OBJECT = re.compile(r"\b(%s)\s+(%s)\b" % ("|".join(COLOURS), "|".join(SHAPES)))
-_RELATION = re.compile(r"(%s)" % "|".join(sorted(RELATIONS, key=len, reverse=True)))
+_OBJECT = re.compile(r"\b({})\s+({})\b".format("|".join(COLOURS), "|".join(SHAPES)))
+_RELATION = re.compile(r"({})".format("|".join(sorted(RELATIONS, key=len, reverse=True))))
 
 
 def parse_objects(caption):

@@ -10,6 +10,7 @@ A run directory gets config.json, model.safetensors (trainable weights only),
 metrics.jsonl, checkpoints/ and, after training, the test-split evaluation.
 Under torchrun the same loop runs data-parallel (DistributedDataParallel).
 """
+
 import argparse
 import contextlib
 import itertools
@@ -39,12 +40,20 @@ from evaluate import evaluate_run
 # -----------------------------------------------------------------------------
 # presets and the command line
 
-REAL = dict(vision="openai/clip-vit-base-patch32", language="Qwen/Qwen3-0.6B-Base", epochs=5, batch_size=64,
-            lr=1e-4, warmup=0.03, weight_decay=0.01, max_caption_tokens=40)
+REAL = dict(
+    vision="openai/clip-vit-base-patch32",
+    language="Qwen/Qwen3-0.6B-Base",
+    epochs=5,
+    batch_size=64,
+    lr=1e-4,
+    warmup=0.03,
+    weight_decay=0.01,
+    max_caption_tokens=40,
+)
 PRESETS = {
     # offline, CPU, minutes: the shapes dataset and the pretrained tiny stand-ins (see demo.py)
-    "demo": REAL | dict(data="shapes", data_dir=None, vision="demo", language="demo", lr=1e-3, warmup=0.05,
-                        max_caption_tokens=32),
+    "demo": REAL
+    | dict(data="shapes", data_dir=None, vision="demo", language="demo", lr=1e-3, warmup=0.05, max_caption_tokens=32),
     # a GPU, bf16: the real backbones on Flickr8k's official splits
     "flickr8k": REAL | dict(data="flickr8k", data_dir="data/flickr8k"),
     # Karpathy's splits: dataset_flickr30k.json / dataset_coco.json beside the images
@@ -73,12 +82,16 @@ def parse_args(variant, argv=None):
     p.add_argument("--out", help=f"run directory (default runs/{variant}-<preset>)")
     p.add_argument("--data", help=f"data source, one of {', '.join(data.SOURCES)} (overrides the preset)")
     p.add_argument("--data-dir", help="where the data source lives (overrides the preset)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="leave out records with bad images or captions (default: --strict, stop and list them)")
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave out records with bad images or captions (default: --strict, stop and list them)",
+    )
     p.add_argument("--strict", action="store_false", dest="skip_bad", help="stop on any bad record (the default)")
     p.add_argument("--image-root", help="karpathy: the image folder (default DATA_DIR/images or DATA_DIR)")
-    p.add_argument("--restval", default="train", choices=["train", "val", "drop"],
-                   help="karpathy: where the restval images go")
+    p.add_argument(
+        "--restval", default="train", choices=["train", "val", "drop"], help="karpathy: where the restval images go"
+    )
     p.add_argument("--image-column", default="image", help="hf: the image column")
     p.add_argument("--caption-column", action="append", help="hf: a caption column (repeat for several)")
     p.add_argument("--download", action="store_true", help="hf: allow fetching a hub dataset")
@@ -94,19 +107,25 @@ def parse_args(variant, argv=None):
     p.add_argument("--max-caption-tokens", type=positive)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto: bf16 autocast on CUDA, fp32 on CPU",
+    )
     p.add_argument("--workers", type=int, help="DataLoader workers (default 0 on CPU, 4 on CUDA)")
     p.add_argument("--no-feature-cache", action="store_true", help="run the vision tower on every batch")
     p.add_argument("--log-every", type=positive, default=10)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at each epoch end)")
     p.add_argument("--keep", type=positive, default=2, help="checkpoints to keep")
-    p.add_argument("--max-bad-steps", type=positive, default=5,
-                   help="stop after this many non-finite steps in a row")
+    p.add_argument("--max-bad-steps", type=positive, default=5, help="stop after this many non-finite steps in a row")
     p.add_argument("--no-eval", action="store_true", help="skip the test evaluation after training")
-    p.add_argument("--wandb", action="store_true",
-                   help="also log to Weights & Biases when it is installed (WANDB_MODE=offline needs no network)")
+    p.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log to Weights & Biases when it is installed (WANDB_MODE=offline needs no network)",
+    )
     return p.parse_args(argv)
 
 
@@ -118,16 +137,31 @@ def run_config(variant, args):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.data and not args.data_dir and args.data != PRESETS[args.preset]["data"]:
-        cfg["data_dir"] = None if args.data == "shapes" else args.data[3:] if args.data.startswith("hf:") else f"data/{args.data}"
+        cfg["data_dir"] = (
+            None if args.data == "shapes" else args.data[3:] if args.data.startswith("hf:") else f"data/{args.data}"
+        )
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision if args.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
-    cfg.update(variant=variant, preset=args.preset, seed=args.seed, device=device, precision=precision,
-               train_layers=args.train_layers, cross_attention_heads=args.heads, max_steps=args.max_steps,
-               grad_accum=args.grad_accum,
-               data_dir=None if cfg["data_dir"] is None else str(Path(cfg["data_dir"]).resolve()),
-               data_options={"strict": not args.skip_bad, "image_root": args.image_root, "restval": args.restval,
-                             "image_column": args.image_column, "caption_columns": args.caption_column or ["caption"],
-                             "download": args.download})
+    cfg.update(
+        variant=variant,
+        preset=args.preset,
+        seed=args.seed,
+        device=device,
+        precision=precision,
+        train_layers=args.train_layers,
+        cross_attention_heads=args.heads,
+        max_steps=args.max_steps,
+        grad_accum=args.grad_accum,
+        data_dir=None if cfg["data_dir"] is None else str(Path(cfg["data_dir"]).resolve()),
+        data_options={
+            "strict": not args.skip_bad,
+            "image_root": args.image_root,
+            "restval": args.restval,
+            "image_column": args.image_column,
+            "caption_columns": args.caption_column or ["caption"],
+            "download": args.download,
+        },
+    )
     return cfg
 
 
@@ -139,6 +173,7 @@ def seed_everything(seed):
 
 # -----------------------------------------------------------------------------
 # many processes (torchrun): rank 0 builds what is shared, every rank trains
+
 
 def init_distributed():
     """(rank, world size, device) under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set), else (0, 1, None).
@@ -176,6 +211,7 @@ def main_rank_first(is_main):
 # -----------------------------------------------------------------------------
 # setting up a run: its config and folder, the data, the model
 
+
 def start_or_resume(variant, args, is_main):
     """(run directory, config): a new run from the preset and options, or the config of the run
     being resumed."""
@@ -183,8 +219,9 @@ def start_or_resume(variant, args, is_main):
         run_dir = Path(args.resume)
         config = runs.read_config(run_dir)
         if config["variant"] != variant:
-            raise runs.RunError(f"{run_dir} holds a {config['variant']} run, not a {variant} one; "
-                                "resume it with its own script")
+            raise runs.RunError(
+                f"{run_dir} holds a {config['variant']} run, not a {variant} one; resume it with its own script"
+            )
         return run_dir, config
     with main_rank_first(is_main):  # the demo data and backbones are built once
         config = demo.resolve(run_config(variant, args))
@@ -202,8 +239,9 @@ def load_data(config, model, processor, use_feature_cache, is_main):
     if use_feature_cache:
         for s in cached:
             with main_rank_first(is_main):  # the feature cache is built once; the others read it
-                splits[s], cached[s] = features.cached_features(model, processor, config["vision"], splits[s],
-                                                                config["device"], strict)
+                splits[s], cached[s] = features.cached_features(
+                    model, processor, config["vision"], splits[s], config["device"], strict
+                )
     for s in [s for s in splits if cached.get(s) is None]:
         good, bad = data.decode_check(splits[s])
         data.stop_or_skip(bad, strict)
@@ -213,6 +251,7 @@ def load_data(config, model, processor, use_feature_cache, is_main):
 
 # -----------------------------------------------------------------------------
 # one optimizer step
+
 
 def autocast(config):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config["precision"])
@@ -260,12 +299,15 @@ def report_long_captions(tokenizer, records, max_tokens):
     lengths = [len(ids) for ids in tokenizer(captions, add_special_tokens=False)["input_ids"]]
     n_long = sum(n > max_tokens for n in lengths)
     if n_long:
-        print(f"{n_long} of {len(captions)} training captions are longer than {max_tokens} tokens and are "
-              f"truncated (longest {max(lengths)}; see --max-caption-tokens)")
+        print(
+            f"{n_long} of {len(captions)} training captions are longer than {max_tokens} tokens and are "
+            f"truncated (longest {max(lengths)}; see --max-caption-tokens)"
+        )
 
 
 # -----------------------------------------------------------------------------
 # the loop's parts: validation, the metrics log, stop requests, the data order
+
 
 @torch.no_grad()
 def validation_loss(model, loader, config):
@@ -286,8 +328,11 @@ class MetricsLog:
 
     def __init__(self, path, config, use_wandb, resume_step=None, enabled=True):
         if enabled and resume_step is not None and Path(path).is_file():  # steps after the checkpoint run again
-            rows = [line for line in Path(path).read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            rows = [
+                line
+                for line in Path(path).read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= resume_step
+            ]
             Path(path).write_text("".join(row + "\n" for row in rows))
         self.file = open(path, "a" if resume_step is not None else "w") if enabled else None
         self.wandb = None
@@ -331,8 +376,11 @@ class StopRequest:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = signum
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
-              "(press Ctrl-C again to quit at once)", flush=True)
+        print(
+            f"\n{signal.Signals(signum).name}: saving a checkpoint after this step "
+            "(press Ctrl-C again to quit at once)",
+            flush=True,
+        )
 
     def requested(self):
         """Whether any rank was asked to stop (all ranks must stop after the same step)."""
@@ -350,7 +398,7 @@ def epoch_order(n_rows, seed, epoch, n_steps, batch_size, grad_accum=1, rank=0, 
     optimizer step k uses the same rows (k*G .. (k+1)*G, G = the global batch) whether
     they come from one process or from `world` ranks with `grad_accum` micro-batches each."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n_rows, generator=g)[:n_steps * grad_accum * world * batch_size]
+    order = torch.randperm(n_rows, generator=g)[: n_steps * grad_accum * world * batch_size]
     return order.view(n_steps, grad_accum, world, batch_size)[:, :, rank].flatten().tolist()
 
 
@@ -358,7 +406,6 @@ def groups_of(iterable, n):
     it = iter(iterable)
     while group := list(itertools.islice(it, n)):
         yield group
-
 
 
 class Training:
@@ -380,53 +427,87 @@ class Training:
             self.total_steps = min(self.total_steps, config["max_steps"])
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config["lr"], weight_decay=config["weight_decay"])
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, math.ceil(config["warmup"] * self.total_steps),
-                                                         self.total_steps)
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, math.ceil(config["warmup"] * self.total_steps), self.total_steps
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=config["precision"] == "fp16")
-        self.progress = {"step": 0, "epoch": 0, "position": 0, "time_s": 0.0, "skipped_steps": 0,
-                         "global_batch": self.global_batch}
-        self.trainer = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.startswith("cuda") else None)
+        self.progress = {
+            "step": 0,
+            "epoch": 0,
+            "position": 0,
+            "time_s": 0.0,
+            "skipped_steps": 0,
+            "global_batch": self.global_batch,
+        }
+        self.trainer = (
+            model
+            if world == 1
+            else torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device] if device.startswith("cuda") else None
+            )
+        )
         self.loss, self.val_loss, self.bad_in_a_row = torch.tensor(float("nan")), float("nan"), 0
 
     def loader(self, split, order=None):
-        return data.make_loader(self.splits[split], self.cached[split], self.processor, self.tokenizer,
-                                batch_size=self.config["batch_size"], max_tokens=self.config["max_caption_tokens"],
-                                order=order, workers=self.workers, seed=self.config["seed"],
-                                pin_memory=self.config["device"].startswith("cuda"))
+        return data.make_loader(
+            self.splits[split],
+            self.cached[split],
+            self.processor,
+            self.tokenizer,
+            batch_size=self.config["batch_size"],
+            max_tokens=self.config["max_caption_tokens"],
+            order=order,
+            workers=self.workers,
+            seed=self.config["seed"],
+            pin_memory=self.config["device"].startswith("cuda"),
+        )
 
     def resume(self):
         last = checkpoints.latest(self.run_dir)
         self.progress = checkpoints.load(last, self.model, self.optimizer, self.scheduler, self.scaler)
         if self.progress.get("global_batch", self.global_batch) != self.global_batch:
-            raise ValueError(f"{last} was saved with a global batch of {self.progress['global_batch']}, this run "
-                             f"has {self.global_batch}; resume with the same number of ranks and --grad-accum")
+            raise ValueError(
+                f"{last} was saved with a global batch of {self.progress['global_batch']}, this run "
+                f"has {self.global_batch}; resume with the same number of ranks and --grad-accum"
+            )
         runs.check_backbones(self.model, self.config, self.run_dir)
         print(f"resumed from {last} (epoch {self.progress['epoch'] + 1}, step {self.progress['step']})")
 
     def save_state(self):
         if self.is_main:
-            checkpoints.save(self.run_dir, self.model, self.optimizer, self.scheduler, self.scaler, self.progress,
-                             keep=self.args.keep)
+            checkpoints.save(
+                self.run_dir,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.scaler,
+                self.progress,
+                keep=self.args.keep,
+            )
         barrier()
 
     def step(self, micro_batches, log, t_start):
         """One optimizer step; a non-finite one is skipped, and too many in a row stop the run."""
-        self.loss, grad_norm, ok = train_step(self.trainer, micro_batches, self.optimizer, self.scheduler,
-                                              self.scaler, self.params, self.config)
+        self.loss, grad_norm, ok = train_step(
+            self.trainer, micro_batches, self.optimizer, self.scheduler, self.scaler, self.params, self.config
+        )
         p = self.progress
         p.update(step=p["step"] + 1, position=p["position"] + 1, time_s=time.time() - t_start)
         self.bad_in_a_row = 0 if ok else self.bad_in_a_row + 1
         if not ok:
             p["skipped_steps"] += 1
-            print(f"step {p['step']}: non-finite loss or gradient, step skipped "
-                  f"({self.bad_in_a_row} in a row, {p['skipped_steps']} in all)")
+            print(
+                f"step {p['step']}: non-finite loss or gradient, step skipped "
+                f"({self.bad_in_a_row} in a row, {p['skipped_steps']} in all)"
+            )
             log.write({"step": p["step"], "skipped_step": True, "loss": self.loss.item()})
             if self.bad_in_a_row >= self.args.max_bad_steps:
                 self.save_state()
-                raise SystemExit(f"error: {self.bad_in_a_row} steps in a row had a non-finite loss or gradient; "
-                                 f"stopped with the last good weights checkpointed in {self.run_dir}/checkpoints "
-                                 "(lower --lr, or check the data)")
+                raise SystemExit(
+                    f"error: {self.bad_in_a_row} steps in a row had a non-finite loss or gradient; "
+                    f"stopped with the last good weights checkpointed in {self.run_dir}/checkpoints "
+                    "(lower --lr, or check the data)"
+                )
         return grad_norm
 
     def epoch(self, log, stop, t_start):
@@ -434,12 +515,18 @@ class Training:
         a clean stop on request; then the validation loss."""
         p, config, A = self.progress, self.config, self.config["grad_accum"]
         epoch = p["epoch"]
-        order = epoch_order(self.n_rows, config["seed"], epoch, self.steps_per_epoch, config["batch_size"], A,
-                            self.rank, self.world)
-        steps = groups_of(self.loader("train", order[p["position"] * A * config["batch_size"]:]), A)
-        bar = tqdm(steps, desc=f"epoch {epoch + 1}/{config['epochs']}", unit="step", initial=p["position"],
-                   total=min(self.steps_per_epoch, p["position"] + self.total_steps - p["step"]),
-                   disable=None if self.is_main else True)  # None: no bar when the output is not a terminal
+        order = epoch_order(
+            self.n_rows, config["seed"], epoch, self.steps_per_epoch, config["batch_size"], A, self.rank, self.world
+        )
+        steps = groups_of(self.loader("train", order[p["position"] * A * config["batch_size"] :]), A)
+        bar = tqdm(
+            steps,
+            desc=f"epoch {epoch + 1}/{config['epochs']}",
+            unit="step",
+            initial=p["position"],
+            total=min(self.steps_per_epoch, p["position"] + self.total_steps - p["step"]),
+            disable=None if self.is_main else True,
+        )  # None: no bar when the output is not a terminal
         t_last, seen = time.time(), 0
         for micro_batches in bar:
             grad_norm = self.step(micro_batches, log, t_start)
@@ -448,9 +535,17 @@ class Training:
             if step % self.args.log_every == 0 or step == self.total_steps:
                 rate = seen / (time.time() - t_last)
                 bar.set_postfix(loss=f"{self.loss.item():.3f}", samples_s=f"{rate:.0f}")
-                log.write({"step": step, "epoch": epoch + 1, "train_loss": self.loss.item(),
-                           "grad_norm": grad_norm.item(), "lr": self.scheduler.get_last_lr()[0],
-                           "samples_per_s": rate, "time_s": p["time_s"]})
+                log.write(
+                    {
+                        "step": step,
+                        "epoch": epoch + 1,
+                        "train_loss": self.loss.item(),
+                        "grad_norm": grad_norm.item(),
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "samples_per_s": rate,
+                        "time_s": p["time_s"],
+                    }
+                )
                 t_last, seen = time.time(), 0
             stopping = stop.requested()
             if stopping or (self.args.save_every and step % self.args.save_every == 0):
@@ -467,10 +562,13 @@ class Training:
             p.update(epoch=epoch + 1, position=0)
         if self.is_main:
             self.val_loss = validation_loss(self.model, self.loader("val"), config)
-            print(f"epoch {epoch + 1}: train loss {self.loss.item():.3f}, val loss {self.val_loss:.3f} "
-                  f"({p['step']} steps, {time.time() - t_start:.0f}s)")
-            log.write({"step": p["step"], "epoch": epoch + 1, "val_loss": self.val_loss,
-                       "time_s": time.time() - t_start})
+            print(
+                f"epoch {epoch + 1}: train loss {self.loss.item():.3f}, val loss {self.val_loss:.3f} "
+                f"({p['step']} steps, {time.time() - t_start:.0f}s)"
+            )
+            log.write(
+                {"step": p["step"], "epoch": epoch + 1, "val_loss": self.val_loss, "time_s": time.time() - t_start}
+            )
             runs.save_run(self.model, config, self.run_dir)
         self.save_state()
 
@@ -479,15 +577,23 @@ class Training:
 
     def summary(self, trainable, total, train_time):
         step = self.progress["step"]
-        return {"variant": self.config["variant"], "trainable_params": trainable, "total_params": total,
-                "steps": step, "skipped_steps": self.progress["skipped_steps"], "train_time_s": train_time,
-                "s_per_step": train_time / max(step, 1),
-                "train_samples_per_s": step * self.global_batch / train_time,
-                "final_train_loss": self.loss.item(), "final_val_loss": self.val_loss}
+        return {
+            "variant": self.config["variant"],
+            "trainable_params": trainable,
+            "total_params": total,
+            "steps": step,
+            "skipped_steps": self.progress["skipped_steps"],
+            "train_time_s": train_time,
+            "s_per_step": train_time / max(step, 1),
+            "train_samples_per_s": step * self.global_batch / train_time,
+            "final_train_loss": self.loss.item(),
+            "final_val_loss": self.val_loss,
+        }
 
 
 # -----------------------------------------------------------------------------
 # main
+
 
 def main(variant, argv=None):
     args = parse_args(variant, argv)
@@ -512,13 +618,20 @@ def main(variant, argv=None):
     print(f"{variant}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.1f}%)")
     report_long_captions(tokenizer, splits["train"], config["max_caption_tokens"])
     if is_main:
-        print(f"global batch {training.global_batch} = {config['batch_size']} per rank x {config['grad_accum']} "
-              f"accumulation steps x {world} rank(s); {training.steps_per_epoch} steps per epoch")
+        print(
+            f"global batch {training.global_batch} = {config['batch_size']} per rank x {config['grad_accum']} "
+            f"accumulation steps x {world} rank(s); {training.steps_per_epoch} steps per epoch"
+        )
         if not args.resume:
             runs.save_run(model, config, run_dir)  # config.json first: a run dir always says what it is
 
-    log = MetricsLog(run_dir / "metrics.jsonl", config, args.wandb,
-                     training.progress["step"] if args.resume else None, enabled=is_main)
+    log = MetricsLog(
+        run_dir / "metrics.jsonl",
+        config,
+        args.wandb,
+        training.progress["step"] if args.resume else None,
+        enabled=is_main,
+    )
     stop = StopRequest()
     model.train()
     t_start = time.time() - training.progress["time_s"]

@@ -4,6 +4,7 @@ back through the same from_pretrained path a hub id takes, and helpers that
 build either captioner variant from a run config. Nothing is downloaded and
 nothing is pretrained: every backbone is random and a few kilobytes.
 """
+
 import os
 import sys
 from pathlib import Path
@@ -18,8 +19,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import backbones  # noqa: E402
-import demo  # noqa: E402
 import data  # noqa: E402
+import demo  # noqa: E402
 import shapes  # noqa: E402
 from runs import build_model  # noqa: E402
 
@@ -54,9 +55,16 @@ def splits(shapes_dir):
 
 def save_vision(out_dir, hidden_size=32):
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
     torch.manual_seed(0)
-    config = CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=hidden_size, num_hidden_layers=1,
-                              num_attention_heads=2, intermediate_size=64)
+    config = CLIPVisionConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    )
     CLIPVisionModel(config).eval().save_pretrained(out_dir)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out_dir)
     return out_dir
@@ -76,17 +84,28 @@ def other_vision_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def language_dir(tmp_path_factory, splits):
     from transformers import Qwen3Config, Qwen3ForCausalLM
+
     out = tmp_path_factory.mktemp("language")
     captions = [c for r in splits["train"] for c in r.captions]
     tokenizer = demo.build_tokenizer(captions, vocab_size=300)
     tokenizer.save_pretrained(out)
     torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, intermediate_size=128, tie_word_embeddings=True,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id,
-                         bos_token_id=None, max_position_embeddings=512,
-                         # larger than Qwen's 0.02 so that a random LM's greedy output depends on the image
-                         initializer_range=0.3)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        max_position_embeddings=512,
+        # larger than Qwen's 0.02 so that a random LM's greedy output depends on the image
+        initializer_range=0.3,
+    )
     Qwen3ForCausalLM(config).eval().save_pretrained(out)
     return out
 
@@ -99,26 +118,48 @@ def tokenizer(language_dir):
 @pytest.fixture(scope="session")
 def make_config(vision_dir, language_dir, shapes_dir):
     """A run config as train.run_config produces it from the command line."""
+
     def make(variant, train_layers=2, max_caption_tokens=MAX_CAPTION_TOKENS, **overrides):
         import train
-        args = train.parse_args(variant, [
-            "--vision", str(vision_dir), "--language", str(language_dir), "--data", "shapes",
-            "--data-dir", str(shapes_dir), "--train-layers", str(train_layers), "--heads", str(HEADS),
-            "--max-caption-tokens", str(max_caption_tokens), "--device", "cpu"])
+
+        args = train.parse_args(
+            variant,
+            [
+                "--vision",
+                str(vision_dir),
+                "--language",
+                str(language_dir),
+                "--data",
+                "shapes",
+                "--data-dir",
+                str(shapes_dir),
+                "--train-layers",
+                str(train_layers),
+                "--heads",
+                str(HEADS),
+                "--max-caption-tokens",
+                str(max_caption_tokens),
+                "--device",
+                "cpu",
+            ],
+        )
         config = train.run_config(variant, args)
         config.update(overrides)
         return config
+
     return make
 
 
 @pytest.fixture(scope="session")
 def make_model(make_config):
     """(model, processor, tokenizer, config) for a variant, seeded, in eval mode."""
+
     def make(variant, seed=0, **config_kw):
         config = make_config(variant, **config_kw)
         torch.manual_seed(seed)
         model, processor, tokenizer = build_model(config)
         return model.eval(), processor, tokenizer, config
+
     return make
 
 
@@ -140,8 +181,12 @@ def pixels_for(processor, records):
 def batch_for(processor, tokenizer, records, max_tokens=MAX_CAPTION_TOKENS):
     """One training batch: each record's first caption and its pixels."""
     input_ids, targets, mask = data.encode_captions(tokenizer, [r.captions[0] for r in records], max_tokens)
-    return {"input_ids": input_ids, "targets": targets, "attention_mask": mask,
-            "pixel_values": pixels_for(processor, records)}
+    return {
+        "input_ids": input_ids,
+        "targets": targets,
+        "attention_mask": mask,
+        "pixel_values": pixels_for(processor, records),
+    }
 
 
 # -----------------------------------------------------------------------------
@@ -153,11 +198,18 @@ TRAIN_SCRIPTS = {"explained": "08_train_explained.py", "self_attention": "10_tra
 def script_env(cache, hide_java=False):
     """One thread per process, the given feature cache; hide_java drops every PATH entry holding a
     `java`, so the caption metrics use their plain fallback (seconds instead of JVM start-ups)."""
-    env = dict(os.environ, DUOCAP_CACHE=str(cache), PYTHONIOENCODING="utf-8", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        DUOCAP_CACHE=str(cache),
+        PYTHONIOENCODING="utf-8",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+    )
     if hide_java:
-        env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep)
-                                      if p and not (Path(p) / "java").exists())
+        env["PATH"] = os.pathsep.join(
+            p for p in env.get("PATH", "").split(os.pathsep) if p and not (Path(p) / "java").exists()
+        )
     return env
 
 
@@ -168,10 +220,16 @@ class Script:
     def __init__(self, args, cache, hide_java=False):
         import subprocess
         import tempfile
+
         self.args = [str(a) for a in args]
         self.stdout, self.stderr = tempfile.TemporaryFile(), tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([sys.executable, *self.args], cwd=REPO, env=script_env(cache, hide_java),
-                                     stdout=self.stdout, stderr=self.stderr)
+        self.proc = subprocess.Popen(
+            [sys.executable, *self.args],
+            cwd=REPO,
+            env=script_env(cache, hide_java),
+            stdout=self.stdout,
+            stderr=self.stderr,
+        )
         self.result = None
 
     def kill_tree(self, sig):
@@ -197,6 +255,7 @@ class Script:
     def wait(self, timeout=300):
         """(exit status, stdout, stderr), decoded as UTF-8."""
         import subprocess
+
         if self.result is None:
             try:
                 self.proc.wait(timeout=timeout)
@@ -234,9 +293,27 @@ class StartedRun:
 def explained_run(vision_dir, language_dir, shapes_dir, duocap_cache, tmp_path_factory):
     """A 2-step explained run on the tiny shapes data (no evaluation), started at once; .path() waits."""
     out = tmp_path_factory.mktemp("explained-run") / "run"
-    script = Script([TRAIN_SCRIPTS["explained"], "--vision", vision_dir, "--language", language_dir, "--data", "shapes",
-                     "--data-dir", shapes_dir, "--max-steps", 2, "--batch-size", 4, "--no-eval", "--out", out],
-                    duocap_cache)
+    script = Script(
+        [
+            TRAIN_SCRIPTS["explained"],
+            "--vision",
+            vision_dir,
+            "--language",
+            language_dir,
+            "--data",
+            "shapes",
+            "--data-dir",
+            shapes_dir,
+            "--max-steps",
+            2,
+            "--batch-size",
+            4,
+            "--no-eval",
+            "--out",
+            out,
+        ],
+        duocap_cache,
+    )
     yield StartedRun(script, out)
     if script.proc.poll() is None:
         script.proc.kill()

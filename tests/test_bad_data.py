@@ -1,6 +1,7 @@
 """Bad images and captions: every problem is named (file, line, what is wrong) and either
 stops loading or, with --skip-bad / strict=False, is left out while the good records stay.
 Also: odd image modes become proper RGB, and generate.py reports bad inputs one per line."""
+
 import json
 import random
 import re
@@ -16,8 +17,8 @@ import backbones
 import data
 import features
 import shapes
-from features import cached_features
 from conftest import TRAIN_SCRIPTS, Script
+from features import cached_features
 
 N_GOOD = 10
 PAIRS = [("red", "circle"), ("blue", "square"), ("green", "cross"), ("orange", "triangle")]
@@ -42,16 +43,21 @@ def write_good_images(folder, ext="png"):
 
 def png_header_only(width, height):
     """A PNG whose header claims width x height pixels (and has no image data)."""
+
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
 
 
 def truncated(path):
     """Cut an image file in half: the header still reads, the body does not decode."""
     raw = path.read_bytes()
-    path.write_bytes(raw[:len(raw) // 2])
+    path.write_bytes(raw[: len(raw) // 2])
 
 
 def jsonl_line(image, caption):
@@ -66,10 +72,11 @@ def jsonl_line(image, caption):
 class Bad:
     """One planted problem: the file the message must name, the line (for line-level
     problems), the description it must contain, and the line to put in the caption file."""
-    file: str              # relative to the dataset root
-    description: str       # a regex
-    line: bytes = None     # a caption-file line to plant (None: the builder writes what it needs)
-    image: bytes = None    # content of `file` when it is a bad image to write
+
+    file: str  # relative to the dataset root
+    description: str  # a regex
+    line: bytes = None  # a caption-file line to plant (None: the builder writes what it needs)
+    image: bytes = None  # content of `file` when it is a bad image to write
 
 
 def bad_image(name, content, description):
@@ -78,6 +85,7 @@ def bad_image(name, content, description):
 
 def one_pixel_png():
     import io
+
     buf = io.BytesIO()
     Image.new("RGB", (1, 1), (255, 0, 0)).save(buf, "PNG")
     return buf.getvalue()
@@ -86,6 +94,7 @@ def one_pixel_png():
 def big_mode_1_png():
     """A real image over Image.MAX_IMAGE_PIXELS (but under twice that): 1 bit a pixel, ~11 kB."""
     import io
+
     side = int((Image.MAX_IMAGE_PIXELS * 1.01) ** 0.5) + 1
     buf = io.BytesIO()
     Image.new("1", (side, side)).save(buf, "PNG")
@@ -95,25 +104,32 @@ def big_mode_1_png():
 FOLDER_CASES = {
     "missing image file": lambda: Bad("g10.png", "image file not found", line=jsonl_line("g10.png", "a red circle")),
     "image in a folder that does not exist": lambda: Bad(
-        "photos/2019/none.jpg", "image file not found", line=jsonl_line("photos/2019/none.jpg", "a blue square")),
+        "photos/2019/none.jpg", "image file not found", line=jsonl_line("photos/2019/none.jpg", "a blue square")
+    ),
     "zero-byte file": lambda: bad_image("empty.png", b"", r"empty file \(0 bytes\)"),
     "text file named .jpg": lambda: bad_image("notes.jpg", b"these are my holiday notes\n", "not a readable image"),
     "1x1 image": lambda: bad_image("dot.png", one_pixel_png(), "1x1 pixels: too small"),
-    "decompression bomb (header)": lambda: bad_image("bomb.png", png_header_only(30000, 30000),
-                                                     "decompression bomb"),
+    "decompression bomb (header)": lambda: bad_image("bomb.png", png_header_only(30000, 30000), "decompression bomb"),
     "decompression bomb (mode 1 image)": lambda: bad_image("huge.png", big_mode_1_png(), "decompression bomb"),
     "empty caption": lambda: Bad("captions.jsonl", "empty caption for g01.png", line=jsonl_line("g01.png", "")),
-    "whitespace-only caption": lambda: Bad("captions.jsonl", "empty caption for g02.png",
-                                           line=jsonl_line("g02.png", " \t  ")),
-    "null caption": lambda: Bad("captions.jsonl", "empty caption for g03.png",
-                                line=b'{"image": "g03.png", "caption": null}'),
+    "whitespace-only caption": lambda: Bad(
+        "captions.jsonl", "empty caption for g02.png", line=jsonl_line("g02.png", " \t  ")
+    ),
+    "null caption": lambda: Bad(
+        "captions.jsonl", "empty caption for g03.png", line=b'{"image": "g03.png", "caption": null}'
+    ),
     "invalid JSON": lambda: Bad("captions.jsonl", "not valid JSON", line=b'{"image": "g04.png", "caption": "a red'),
-    "JSON line without caption": lambda: Bad("captions.jsonl", re.escape('expected {"image": "...", "caption": "..."}'),
-                                             line=b'{"image": "g05.png", "text": "a red circle"}'),
-    "JSON line that is not an object": lambda: Bad("captions.jsonl", re.escape('expected {"image"'),
-                                                   line=b'["g05.png", "a red circle"]'),
-    "undecodable UTF-8": lambda: Bad("captions.jsonl", "undecodable bytes.*must be UTF-8",
-                                     line=b'{"image": "g06.png", "caption": "caf\xe9 au lait"}'),
+    "JSON line without caption": lambda: Bad(
+        "captions.jsonl",
+        re.escape('expected {"image": "...", "caption": "..."}'),
+        line=b'{"image": "g05.png", "text": "a red circle"}',
+    ),
+    "JSON line that is not an object": lambda: Bad(
+        "captions.jsonl", re.escape('expected {"image"'), line=b'["g05.png", "a red circle"]'
+    ),
+    "undecodable UTF-8": lambda: Bad(
+        "captions.jsonl", "undecodable bytes.*must be UTF-8", line=b'{"image": "g06.png", "caption": "caf\xe9 au lait"}'
+    ),
 }
 INSERT_AT = 6  # planted lines go mid-file, after a blank line, so that line numbers are tested
 
@@ -203,9 +219,14 @@ def test_folder_captions_in_no_split_are_counted(tmp_path, capsys):
     assert "captions of 1 image(s) in no split" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("text, description", [('{"train": ["g00.png", ', "not valid JSON"),
-                                               ('["g00.png", "g01.png"]', 'expected {"train"'),
-                                               ('{"train": "g00.png"}', 'expected {"train"')])
+@pytest.mark.parametrize(
+    "text, description",
+    [
+        ('{"train": ["g00.png", ', "not valid JSON"),
+        ('["g00.png", "g01.png"]', 'expected {"train"'),
+        ('{"train": "g00.png"}', 'expected {"train"'),
+    ],
+)
 def test_folder_splits_file_of_the_wrong_shape_is_named(tmp_path, text, description):
     write_jsonl_dataset(tmp_path, [])
     (tmp_path / "splits.json").write_text(text)
@@ -260,11 +281,12 @@ def test_csv_quoted_caption_over_two_lines_keeps_its_words_and_the_line_numbers(
     and a problem after it is still reported at its own line of the file."""
     good = write_good_images(tmp_path)
     (tmp_path / "captions.csv").write_text(
-        'image,caption\n'            # line 1
-        'g00.png,"a red circle\n'    # line 2
-        'on white"\n'                # line 3
-        'g01.png,a blue square\n'    # line 4
-        'g02.png,\n')                # line 5: the problem
+        "image,caption\n"  # line 1
+        'g00.png,"a red circle\n'  # line 2
+        'on white"\n'  # line 3
+        "g01.png,a blue square\n"  # line 4
+        "g02.png,\n"
+    )  # line 5: the problem
     with pytest.raises(data.DataError) as e:
         data.load_splits("folder", tmp_path)
     assert f"{tmp_path / 'captions.csv'}:5: empty caption for g02.png" in str(e.value), str(e.value)
@@ -288,8 +310,11 @@ def write_flickr8k(root, bad_token_line=None, extra_image_in_train=None):
 
 
 FLICKR_CASES = {
-    "token line without TAB": (b"g01.jpg#2 a small red circle", None,
-                               re.escape("expected '<image>.jpg#<n><TAB><caption>'")),
+    "token line without TAB": (
+        b"g01.jpg#2 a small red circle",
+        None,
+        re.escape("expected '<image>.jpg#<n><TAB><caption>'"),
+    ),
     "token line without #n": (b"g01.jpg\ta small red circle", None, re.escape("expected '<image>.jpg#<n><TAB>")),
     "token line with undecodable bytes": (b"g01.jpg#3\ta caf\xe9", None, "undecodable bytes"),
     "missing image file": (b"g99.jpg#0\ta large blue square", "g99.jpg", "image file not found"),
@@ -321,7 +346,9 @@ def test_flickr8k_split_naming_an_image_without_captions_is_named(tmp_path):
     dev.write_text(dev.read_text() + "ghost.jpg\n")
     with pytest.raises(data.DataError) as e:
         data.load_splits("flickr8k", tmp_path)
-    assert f"{dev}: ghost.jpg (in val) has no caption in {tmp_path / 'Flickr8k.token.txt'}" in str(e.value), str(e.value)
+    assert f"{dev}: ghost.jpg (in val) has no caption in {tmp_path / 'Flickr8k.token.txt'}" in str(e.value), str(
+        e.value
+    )
     splits = data.load_splits("flickr8k", tmp_path, strict=False)
     assert {k: [r.image.name for r in v] for k, v in splits.items()} == split_names
 
@@ -355,9 +382,11 @@ def test_truncated_images_pass_the_cheap_check_but_not_a_full_decode(truncated_d
 
 
 @pytest.mark.parametrize("strict", [True, False])
-def test_feature_cache_stops_on_or_leaves_out_truncated_images(truncated_dataset, make_config, strict, capsys,
-                                                              duocap_cache, monkeypatch):
+def test_feature_cache_stops_on_or_leaves_out_truncated_images(
+    truncated_dataset, make_config, strict, capsys, duocap_cache, monkeypatch
+):
     from runs import build_model
+
     root, good = truncated_dataset
     records = [r for split in data.load_splits("folder", root).values() for r in split]
     config = make_config("explained")
@@ -370,17 +399,21 @@ def test_feature_cache_stops_on_or_leaves_out_truncated_images(truncated_dataset
         assert "2 image(s) failed to decode" in message and "--skip-bad" in message
         assert str(root / "cut.png") in message and str(root / "cut.jpg") in message
     else:
-        kept, features = cached_features(model, processor, config["vision"], records, "cpu", config["data_options"]["strict"])
+        kept, features = cached_features(
+            model, processor, config["vision"], records, "cpu", config["data_options"]["strict"]
+        )
         assert sorted(r.image.name for r in kept) == sorted(good)
         assert features.shape[0] == len(kept)
         printed = capsys.readouterr().out
         assert printed.count("--skip-bad: left out") == 2 and "cut.png" in printed and "cut.jpg" in printed
 
 
-def test_a_strict_run_stops_on_a_feature_cache_built_with_skip_bad(truncated_dataset, make_config, tmp_path,
-                                                                   monkeypatch):
+def test_a_strict_run_stops_on_a_feature_cache_built_with_skip_bad(
+    truncated_dataset, make_config, tmp_path, monkeypatch
+):
     monkeypatch.setenv("DUOCAP_CACHE", str(tmp_path / "own-cache"))
     from runs import build_model
+
     root, good = truncated_dataset
     records = [r for split in data.load_splits("folder", root).values() for r in split]
     config = make_config("explained")
@@ -391,6 +424,7 @@ def test_a_strict_run_stops_on_a_feature_cache_built_with_skip_bad(truncated_dat
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("the cache was rebuilt")
+
     monkeypatch.setattr(features, "compute_features", no_decoding)
     config["data_options"] = {**config["data_options"], "strict": True}
     with pytest.raises(data.DataError) as e:
@@ -413,24 +447,50 @@ def corpus_runs(vision_dir, language_dir, duocap_cache, explained_run, tmp_path_
     root = tmp_path_factory.mktemp("bad-corpus")
     cases = [make() for make in FOLDER_CASES.values()]
     names = [f"g{i:02d}.png" for i in range(N_GOOD)]
-    good, planted = write_jsonl_dataset(root, cases, truncated_images=CORPUS_TRUNCATED, splits={
-        "train": names[:8] + CORPUS_TRUNCATED + [b.file for b in cases if b.image is not None],
-        "val": names[8:9], "test": names[9:]})
+    good, planted = write_jsonl_dataset(
+        root,
+        cases,
+        truncated_images=CORPUS_TRUNCATED,
+        splits={
+            "train": names[:8] + CORPUS_TRUNCATED + [b.file for b in cases if b.image is not None],
+            "val": names[8:9],
+            "test": names[9:],
+        },
+    )
 
     evaluated = tmp_path_factory.mktemp("bad-test-split")
-    write_jsonl_dataset(evaluated, [], truncated_images=["cut.jpg"],
-                        splits={"train": names[:7], "val": names[7:8], "test": names[8:] + ["cut.jpg"]})
+    write_jsonl_dataset(
+        evaluated,
+        [],
+        truncated_images=["cut.jpg"],
+        splits={"train": names[:7], "val": names[7:8], "test": names[8:] + ["cut.jpg"]},
+    )
 
-    base = [TRAIN_SCRIPTS["explained"], "--vision", vision_dir, "--language", language_dir, "--data", "folder",
-            "--batch-size", 4]
+    base = [
+        TRAIN_SCRIPTS["explained"],
+        "--vision",
+        vision_dir,
+        "--language",
+        language_dir,
+        "--data",
+        "folder",
+        "--batch-size",
+        4,
+    ]
     runs_root = tmp_path_factory.mktemp("bad-runs")
     scripts = {
-        "strict": Script(base + ["--data-dir", root, "--max-steps", 3, "--no-eval", "--out", runs_root / "strict"],
-                         duocap_cache),
-        "skip": Script(base + ["--data-dir", root, "--max-steps", 3, "--no-eval", "--skip-bad",
-                               "--out", runs_root / "skip"], duocap_cache),
-        "evaluated": Script(base + ["--data-dir", evaluated, "--max-steps", 1, "--skip-bad",
-                                    "--out", runs_root / "evaluated"], duocap_cache, hide_java=True),
+        "strict": Script(
+            base + ["--data-dir", root, "--max-steps", 3, "--no-eval", "--out", runs_root / "strict"], duocap_cache
+        ),
+        "skip": Script(
+            base + ["--data-dir", root, "--max-steps", 3, "--no-eval", "--skip-bad", "--out", runs_root / "skip"],
+            duocap_cache,
+        ),
+        "evaluated": Script(
+            base + ["--data-dir", evaluated, "--max-steps", 1, "--skip-bad", "--out", runs_root / "evaluated"],
+            duocap_cache,
+            hide_java=True,
+        ),
     }
     results = {k: s.wait() for k, s in scripts.items()}
     return root, good, planted, runs_root, results
@@ -571,8 +631,10 @@ def test_generate_reports_each_bad_input_and_captions_the_good_one(explained_run
     unreadable = tmp_path / "not-really.png"
     unreadable.write_text("this is text, not a PNG")
     good = splits["test"][0].image
-    rc, stdout, stderr = Script(["generate.py", "--checkpoint", explained_run.path(), "--strategy", "greedy",
-                                 missing, empty, unreadable, good], duocap_cache).wait()
+    rc, stdout, stderr = Script(
+        ["generate.py", "--checkpoint", explained_run.path(), "--strategy", "greedy", missing, empty, unreadable, good],
+        duocap_cache,
+    ).wait()
     assert rc == 1, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     lines = stderr.splitlines()

@@ -1,5 +1,6 @@
 """Beam search: it finds what greedy misses, reduces to greedy with one beam, and neither the KV cache,
 the batch, nor the command line changes what it finds."""
+
 import math
 import os
 import subprocess
@@ -8,15 +9,16 @@ import sys
 import pytest
 import torch
 
+from conftest import REPO, VARIANTS, perturb, pixels_for
 from decoding import decode
 from runs import load_run, save_run
-from conftest import REPO, VARIANTS, perturb, pixels_for
 
 MAX_NEW = 10
 
 
 # -----------------------------------------------------------------------------
 # a toy model with a hand-made next-token table
+
 
 class HistoryCache:
     """What a KV cache is to the toy: the ids seen so far, one row per beam, reordered with the beams."""
@@ -68,8 +70,8 @@ EOS, A, B = 0, 1, 2
 
 
 def greedy_trap(prefix):
-    """First step A 0.58, B 0.4. After A: a spread-out next word (the best, token 3, only 0.2; eight others 0.09), then EOS.
-    After B: EOS 0.95."""
+    """First step A 0.58, B 0.4. After A: a spread-out next word (the best, token 3, only 0.2;
+    eight others 0.09), then EOS. After B: EOS 0.95."""
     if prefix == ():
         return {A: 0.58, B: 0.4}
     if prefix == (A,):
@@ -145,9 +147,16 @@ def test_length_penalty_trades_total_log_prob_for_length(length_penalty):
     (lp_short, n_short), (lp_long, n_long) = sequence_logprob(model, short), sequence_logprob(model, long_)
     assert (n_short, n_long) == (2, 6)  # EOS counts in the length
     assert lp_short > lp_long, "the short caption is the more probable one in total"
-    expected = short if lp_short / n_short ** length_penalty > lp_long / n_long ** length_penalty else long_
-    got = decode(model, torch.zeros(1, 1, 1), EOS, max_new_tokens=MAX_NEW, strategy="beam", beams=2,
-                 length_penalty=length_penalty)
+    expected = short if lp_short / n_short**length_penalty > lp_long / n_long**length_penalty else long_
+    got = decode(
+        model,
+        torch.zeros(1, 1, 1),
+        EOS,
+        max_new_tokens=MAX_NEW,
+        strategy="beam",
+        beams=2,
+        length_penalty=length_penalty,
+    )
     assert got == [expected]
     if length_penalty == 0.0:
         assert got == [short]
@@ -157,6 +166,7 @@ def test_length_penalty_trades_total_log_prob_for_length(length_penalty):
 
 # -----------------------------------------------------------------------------
 # the real tiny models
+
 
 class EosBias:
     """Adds `bias` to the EOS logit (an LM-head hook), so that captions end at different lengths."""
@@ -184,7 +194,7 @@ def beam_setup(request, make_model, splits):
     eos = tokenizer.eos_token_id
     with torch.no_grad():
         logits, _ = model.next_logits(state, torch.full((len(records), 1), eos))
-    gap = (logits.max(-1).values - logits[:, eos])  # how far EOS is from winning at the first step
+    gap = logits.max(-1).values - logits[:, eos]  # how far EOS is from winning at the first step
     hook = None
     for q in (0.5, 0.3, 0.7, 0.2, 0.8, 0.1, 0.9):
         hook = EosBias(model.lm.lm_head, eos, gap.quantile(q).item())
@@ -199,7 +209,7 @@ def beam_setup(request, make_model, splits):
 
 
 def one_row(state, b):
-    return tuple(s[b:b + 1] for s in state) if isinstance(state, tuple) else state[b:b + 1]
+    return tuple(s[b : b + 1] for s in state) if isinstance(state, tuple) else state[b : b + 1]
 
 
 def test_one_beam_is_greedy(beam_setup):
@@ -235,17 +245,39 @@ def batch_rows(state):
 # -----------------------------------------------------------------------------
 # generate.py --strategy beam
 
+
 def test_generate_with_beam_search_prints_one_caption_per_image(make_model, splits, duocap_cache, tmp_path):
     model, processor, tokenizer, config = make_model("explained", seed=3)
     perturb(model, seed=11)
     run_dir = tmp_path / "run"
     save_run(model, config, run_dir)
     records = splits["test"][:4]
-    env = dict(os.environ, DUOCAP_CACHE=str(duocap_cache), PYTHONIOENCODING="utf-8",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(run_dir), "--strategy", "beam",
-                           "--beams", "3", "--max-new-tokens", "12", *[str(r.image) for r in records]],
-                          cwd=REPO, env=env, capture_output=True, timeout=300)
+    env = dict(
+        os.environ,
+        DUOCAP_CACHE=str(duocap_cache),
+        PYTHONIOENCODING="utf-8",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "generate.py",
+            "--checkpoint",
+            str(run_dir),
+            "--strategy",
+            "beam",
+            "--beams",
+            "3",
+            "--max-new-tokens",
+            "12",
+            *[str(r.image) for r in records],
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        timeout=300,
+    )
     stdout, stderr = proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8", "replace")
     assert proc.returncode == 0, stderr[-5000:]
     lines = stdout.split("\n")

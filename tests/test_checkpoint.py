@@ -1,4 +1,5 @@
 """Checkpoints: safetensors + JSON, a faithful round trip, clear refusals."""
+
 import json
 import shutil
 from pathlib import Path
@@ -7,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from runs import RunError, load_run, save_run
 from conftest import VARIANTS, batch_for, perturb
+from runs import RunError, load_run, save_run
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +115,7 @@ def test_missing_config_is_a_clear_error(tmp_path):
 def test_backbones_of_the_same_shape_but_other_weights_are_refused(saved_runs, tmp_path):
     """A checkpoint holds only trainable weights: a rebuilt backbone of the same shape must not pass silently."""
     from transformers import CLIPVisionModel
+
     _, _, run_dir = saved_runs["explained"]
     saved = json.loads((run_dir / "config.json").read_text())
     original = CLIPVisionModel.from_pretrained(saved["vision"])

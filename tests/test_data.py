@@ -1,4 +1,5 @@
 """Splits, caption encoding, caption parsing and the shapes figures."""
+
 import json
 import shutil
 from pathlib import Path
@@ -11,9 +12,9 @@ import shapes
 from data import Record
 from evaluate import shapes_figures
 
-
 # -----------------------------------------------------------------------------
 # splits: by image, never by caption row
+
 
 def test_shapes_splits_share_no_image(splits, shapes_dir):
     assert set(splits) == {"train", "val", "test", "compositional"}
@@ -46,7 +47,9 @@ def test_compositional_split_holds_every_held_out_pair_and_no_other_split_does(s
             if name == "compositional":
                 assert pairs & shapes.HELD_OUT, f"{r.image} in the compositional split has no held-out pair"
             else:
-                assert not pairs & shapes.HELD_OUT, f"{r.image} in {name} draws a held-out pair {pairs & shapes.HELD_OUT}"
+                assert not pairs & shapes.HELD_OUT, (
+                    f"{r.image} in {name} draws a held-out pair {pairs & shapes.HELD_OUT}"
+                )
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +115,7 @@ def test_missing_image_is_a_clear_error_not_a_substitute(tmp_path):
 # -----------------------------------------------------------------------------
 # captions -> input ids, targets, attention mask
 
+
 def test_encode_captions_layout(tokenizer):
     eos = tokenizer.eos_token_id
     assert eos is not None and tokenizer.pad_token_id == eos
@@ -125,14 +129,14 @@ def test_encode_captions_layout(tokenizer):
     assert input_ids.shape == targets.shape == mask.shape == (3, T)
     for i, (t, n) in enumerate(zip(toks, lengths)):
         assert input_ids[i, 0].item() == eos, "EOS stands in as BOS"
-        assert input_ids[i, 1:n + 1].tolist() == t
+        assert input_ids[i, 1 : n + 1].tolist() == t
         assert targets[i, :n].tolist() == t
         assert targets[i, n].item() == eos, "EOS is the target right after the caption, before any padding"
-        assert (targets[i, n + 1:] == -100).all(), "padding targets are -100, never the pad id"
-        assert mask[i, :n + 1].tolist() == [1] * (n + 1), "the mask covers BOS .. the last caption token"
-        assert (mask[i, n + 1:] == 0).all()
+        assert (targets[i, n + 1 :] == -100).all(), "padding targets are -100, never the pad id"
+        assert mask[i, : n + 1].tolist() == [1] * (n + 1), "the mask covers BOS .. the last caption token"
+        assert (mask[i, n + 1 :] == 0).all()
         # targets are the inputs shifted by one wherever the mask is on
-        assert targets[i, :n].tolist() == input_ids[i, 1:n + 1].tolist()
+        assert targets[i, :n].tolist() == input_ids[i, 1 : n + 1].tolist()
     # exactly one EOS target per caption
     assert ((targets == eos).sum(1) == 1).all()
     assert (mask.sum(1) == torch.tensor(lengths) + 1).all()
@@ -153,9 +157,12 @@ def test_encode_captions_truncates_to_max_tokens(tokenizer):
 # -----------------------------------------------------------------------------
 # what a caption says
 
+
 def test_parse_objects():
     assert shapes.parse_objects("a small red circle to the left of a large blue square") == {
-        ("red", "circle"), ("blue", "square")}
+        ("red", "circle"),
+        ("blue", "square"),
+    }
     assert shapes.parse_objects("there is a large yellow cross") == {("yellow", "cross")}
     assert shapes.parse_objects("a single small purple triangle") == {("purple", "triangle")}
     assert shapes.parse_objects("a red thing near a square") == set()
@@ -179,9 +186,13 @@ def test_parse_relation_normalises_inverse_relations():
 
 
 def test_scene_truth_matches_what_the_generator_draws():
-    scene = {"objects": [{"colour": "red", "shape": "circle", "size": "small", "x": 50, "y": 30},
-                         {"colour": "blue", "shape": "square", "size": "large", "x": 15, "y": 30}],
-             "relation": "to the right of"}
+    scene = {
+        "objects": [
+            {"colour": "red", "shape": "circle", "size": "small", "x": 50, "y": 30},
+            {"colour": "blue", "shape": "square", "size": "large", "x": 15, "y": 30},
+        ],
+        "relation": "to the right of",
+    }
     objects, relation = shapes.scene_truth(scene)
     assert objects == {("red", "circle"), ("blue", "square")}
     assert relation == (("blue", "square"), "to the left of", ("red", "circle"))
@@ -190,28 +201,47 @@ def test_scene_truth_matches_what_the_generator_draws():
 # -----------------------------------------------------------------------------
 # the figures evaluate.py reports for shapes
 
+
 def obj(colour, shape, size, x=32, y=32):
     return {"colour": colour, "shape": shape, "size": size, "x": x, "y": y}
 
 
 def test_shapes_figures_on_hand_built_records():
     records = [
-        Record(Path("a.png"), ["a small red circle", "there is a small red circle"],
-               {"image": "a.png", "objects": [obj("red", "circle", "small")], "relation": None}),
-        Record(Path("b.png"), ["a large blue square to the left of a small green triangle"],
-               {"image": "b.png", "objects": [obj("blue", "square", "large", 15), obj("green", "triangle", "small", 50)],
-                "relation": "to the left of"}),
-        Record(Path("c.png"), ["a small yellow cross above a large purple circle"],
-               {"image": "c.png", "objects": [obj("yellow", "cross", "small", 32, 10), obj("purple", "circle", "large", 32, 50)],
-                "relation": "above"}),
-        Record(Path("d.png"), ["a large orange triangle"],
-               {"image": "d.png", "objects": [obj("orange", "triangle", "large")], "relation": None}),
+        Record(
+            Path("a.png"),
+            ["a small red circle", "there is a small red circle"],
+            {"image": "a.png", "objects": [obj("red", "circle", "small")], "relation": None},
+        ),
+        Record(
+            Path("b.png"),
+            ["a large blue square to the left of a small green triangle"],
+            {
+                "image": "b.png",
+                "objects": [obj("blue", "square", "large", 15), obj("green", "triangle", "small", 50)],
+                "relation": "to the left of",
+            },
+        ),
+        Record(
+            Path("c.png"),
+            ["a small yellow cross above a large purple circle"],
+            {
+                "image": "c.png",
+                "objects": [obj("yellow", "cross", "small", 32, 10), obj("purple", "circle", "large", 32, 50)],
+                "relation": "above",
+            },
+        ),
+        Record(
+            Path("d.png"),
+            ["a large orange triangle"],
+            {"image": "d.png", "objects": [obj("orange", "triangle", "large")], "relation": None},
+        ),
     ]
     captions = [
-        "there is a small red circle",                                # objects right, exact match
+        "there is a small red circle",  # objects right, exact match
         "a small green triangle to the right of a large blue square",  # objects right, relation right (inverse wording)
-        "a small yellow cross below a large purple circle",           # objects right, relation wrong
-        "a large orange square",                                      # objects wrong
+        "a small yellow cross below a large purple circle",  # objects right, relation wrong
+        "a large orange square",  # objects wrong
     ]
     figures = shapes_figures(records, captions)
     assert figures["attribute_accuracy"] == pytest.approx(3 / 4)
@@ -239,6 +269,7 @@ def test_a_dataset_without_a_val_split_holds_some_training_images_out(folder_dat
 def test_flickr8k_captions_of_images_in_no_split_are_ignored(tmp_path, capsys):
     """The official token file names one image that no split uses and that does not exist."""
     from PIL import Image
+
     (tmp_path / "Flicker8k_Dataset").mkdir()
     names = [f"{i}.jpg" for i in range(3)]
     for n in names:

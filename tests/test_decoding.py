@@ -1,9 +1,10 @@
 """Decoding: the KV cache changes nothing, and the sampling strategies do what they say."""
+
 import pytest
 import torch
 
-from decoding import decode, pick_token
 from conftest import VARIANTS, perturb, pixels_for
+from decoding import decode, pick_token
 
 MAX_NEW = 12
 
@@ -75,7 +76,7 @@ def test_greedy_batched_equals_one_image_at_a_time(decoding_setup):
     model, state, eos = decoding_setup
     batched = decode(model, state, eos, max_new_tokens=MAX_NEW)
     for b in range(len(batched)):
-        one = state[b:b + 1] if not isinstance(state, tuple) else tuple(s[b:b + 1] for s in state)
+        one = state[b : b + 1] if not isinstance(state, tuple) else tuple(s[b : b + 1] for s in state)
         alone = decode(model, one, eos, max_new_tokens=MAX_NEW, use_cache=True)
         assert alone == decode(model, one, eos, max_new_tokens=MAX_NEW, use_cache=False)
         assert alone[0] == batched[b], f"row {b} decodes differently alone than in the batch"
@@ -94,11 +95,12 @@ def test_cached_steps_give_the_logits_of_full_recomputation(make_model, splits, 
             full, _ = model.next_logits(state, ids[:, :t], None, use_cache=False)
             torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
             if t < ids.shape[1]:
-                logits, cache = model.next_logits(state, ids[:, :t + 1], cache)
+                logits, cache = model.next_logits(state, ids[:, : t + 1], cache)
 
 
 # -----------------------------------------------------------------------------
 # pick_token
+
 
 def test_greedy_is_argmax():
     logits = torch.randn(16, 50, generator=torch.Generator().manual_seed(0))
@@ -138,8 +140,13 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p(top_p, keep):
 def test_seeded_sampling_is_reproducible():
     logits = torch.zeros(3, 100)  # flat: anything may come
     for strategy in ("top-k", "top-p"):
-        draw = lambda seed: torch.stack([pick_token(logits, strategy, 50, 0.9, 1.0,
-                                                    g) for g in [torch.Generator().manual_seed(seed)] for _ in range(20)])
+        draw = lambda seed: torch.stack(
+            [
+                pick_token(logits, strategy, 50, 0.9, 1.0, g)
+                for g in [torch.Generator().manual_seed(seed)]
+                for _ in range(20)
+            ]
+        )
         assert torch.equal(draw(7), draw(7))
         assert not torch.equal(draw(7), draw(8))
 
@@ -154,8 +161,15 @@ def test_seeded_sampled_decoding_is_reproducible(make_model, splits, variant):
     model, processor, tokenizer, _ = make_model(variant)
     perturb(model, seed=3)
     state = model.encode_images(pixel_values=pixels_for(processor, splits["test"][:3]))
-    run = lambda seed, strategy: decode(model, state, tokenizer.eos_token_id, max_new_tokens=8, strategy=strategy,
-                                        temperature=1.5, generator=torch.Generator().manual_seed(seed))
+    run = lambda seed, strategy: decode(
+        model,
+        state,
+        tokenizer.eos_token_id,
+        max_new_tokens=8,
+        strategy=strategy,
+        temperature=1.5,
+        generator=torch.Generator().manual_seed(seed),
+    )
     for strategy in ("top-k", "top-p"):
         assert run(0, strategy) == run(0, strategy)
         assert run(0, strategy) != run(1, strategy)

@@ -1,6 +1,7 @@
 """Data-parallel training under torchrun (gloo on CPU) and gradient accumulation update the
 weights exactly as one process with the same global batch and data order, and a torchrun
 job killed mid-run resumes under torchrun to the uninterrupted weights."""
+
 import os
 import re
 import signal
@@ -19,10 +20,22 @@ COMMON = ["--epochs", "1", "--max-steps", "3", "--no-eval", "--save-every", "0"]
 
 def run(cmd, out, cache, vision_dir, language_dir, shapes_dir):
     env = dict(os.environ, DUOCAP_CACHE=str(cache), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    args = ["--vision", vision_dir, "--language", language_dir, "--data", "shapes", "--data-dir", shapes_dir,
-            "--out", out, *COMMON]
-    return subprocess.Popen([*cmd, *map(str, args)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    args = [
+        "--vision",
+        vision_dir,
+        "--language",
+        language_dir,
+        "--data",
+        "shapes",
+        "--data-dir",
+        shapes_dir,
+        "--out",
+        out,
+        *COMMON,
+    ]
+    return subprocess.Popen(
+        [*cmd, *map(str, args)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +44,15 @@ def runs(vision_dir, language_dir, shapes_dir, duocap_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     script = "08_train_explained.py"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script]
-    plans = {"single": ([sys.executable, script, "--batch-size", "8"]),
-             "accum": ([sys.executable, script, "--batch-size", "4", "--grad-accum", "2"]),
-             "ddp": (torchrun + ["--batch-size", "4"])}
-    procs = {name: run(cmd, root / name, duocap_cache / name, vision_dir, language_dir, shapes_dir)
-             for name, cmd in plans.items()}
+    plans = {
+        "single": ([sys.executable, script, "--batch-size", "8"]),
+        "accum": ([sys.executable, script, "--batch-size", "4", "--grad-accum", "2"]),
+        "ddp": (torchrun + ["--batch-size", "4"]),
+    }
+    procs = {
+        name: run(cmd, root / name, duocap_cache / name, vision_dir, language_dir, shapes_dir)
+        for name, cmd in plans.items()
+    }
     outputs = {}
     for name, proc in procs.items():
         out, _ = proc.communicate(timeout=300)
@@ -51,7 +68,10 @@ def max_difference(a, b):
 
 def test_torchrun_two_ranks_match_one_process_with_the_global_batch(runs):
     root, outputs = runs
-    single, ddp = load_file(str(root / "single" / "model.safetensors")), load_file(str(root / "ddp" / "model.safetensors"))
+    single, ddp = (
+        load_file(str(root / "single" / "model.safetensors")),
+        load_file(str(root / "ddp" / "model.safetensors")),
+    )
     initial_gap = max_difference(single, {k: torch.zeros_like(v) for k, v in single.items()})
     assert initial_gap > 0
     assert max_difference(single, ddp) < 1e-5
@@ -60,7 +80,10 @@ def test_torchrun_two_ranks_match_one_process_with_the_global_batch(runs):
 
 def test_gradient_accumulation_matches_one_big_batch(runs):
     root, outputs = runs
-    single, accum = load_file(str(root / "single" / "model.safetensors")), load_file(str(root / "accum" / "model.safetensors"))
+    single, accum = (
+        load_file(str(root / "single" / "model.safetensors")),
+        load_file(str(root / "accum" / "model.safetensors")),
+    )
     assert max_difference(single, accum) < 1e-5
     assert "global batch 8 = 4 per rank x 2 accumulation steps x 1 rank(s)" in outputs["accum"]
 
@@ -76,11 +99,12 @@ def test_the_runs_did_train(runs, make_model):
 
 def test_epoch_order_shards_the_global_batch():
     import train
+
     one = train.epoch_order(100, seed=3, epoch=1, n_steps=5, batch_size=8)
     shards = [train.epoch_order(100, 3, 1, 5, 2, grad_accum=2, rank=r, world=2) for r in range(2)]
     for step in range(5):
-        global_rows = set(one[step * 8:(step + 1) * 8])
-        from_ranks = set(shards[0][step * 4:(step + 1) * 4]) | set(shards[1][step * 4:(step + 1) * 4])
+        global_rows = set(one[step * 8 : (step + 1) * 8])
+        from_ranks = set(shards[0][step * 4 : (step + 1) * 4]) | set(shards[1][step * 4 : (step + 1) * 4])
         assert global_rows == from_ranks
     assert train.epoch_order(100, 3, 1, 5, 8) == one
     assert train.epoch_order(100, 3, 2, 5, 8) != one
@@ -97,8 +121,25 @@ RESUME_STEPS = 24
 def ddp_resume(vision_dir, language_dir, shapes_dir, duocap_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp-resume")
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "08_train_explained.py"]
-    args = ["--vision", vision_dir, "--language", language_dir, "--data", "shapes", "--data-dir", shapes_dir,
-            "--batch-size", 4, "--epochs", 1, "--max-steps", RESUME_STEPS, "--save-every", 3, "--no-eval"]
+    args = [
+        "--vision",
+        vision_dir,
+        "--language",
+        language_dir,
+        "--data",
+        "shapes",
+        "--data-dir",
+        shapes_dir,
+        "--batch-size",
+        4,
+        "--epochs",
+        1,
+        "--max-steps",
+        RESUME_STEPS,
+        "--save-every",
+        3,
+        "--no-eval",
+    ]
     cache = duocap_cache / "ddp-resume"
     full = Script([*torchrun, *args, "--out", root / "full"], cache)
     killed = Script([*torchrun, *args, "--out", root / "killed"], cache)

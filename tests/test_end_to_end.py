@@ -1,4 +1,5 @@
 """Train a few steps with each numbered script and caption with generate.py, each in a fresh process."""
+
 import json
 import math
 import os
@@ -15,10 +16,16 @@ SCRIPTS = {"explained": "08_train_explained.py", "self_attention": "10_train_sel
 
 def start(args, cache):
     # one thread each: the processes run side by side on a small machine
-    env = dict(os.environ, DUOCAP_CACHE=str(cache), PYTHONIOENCODING="utf-8", TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    env = dict(
+        os.environ,
+        DUOCAP_CACHE=str(cache),
+        PYTHONIOENCODING="utf-8",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+    )
+    return subprocess.Popen(
+        [sys.executable, *map(str, args)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
 
 def finish(proc, timeout=300):
@@ -44,9 +51,29 @@ def trained(vision_dir, language_dir, shapes_dir, duocap_cache, tmp_path_factory
         out = tmp_path_factory.mktemp(f"e2e-{variant}") / "run"
         # a feature cache each: two runs computing the same cache file at the same moment would race
         # on its one temporary name (train.cached_features writes <hash>.safetensors.tmp)
-        procs[variant] = out, start([script, "--vision", vision_dir, "--language", language_dir, "--data", "shapes",
-                                     "--data-dir", shapes_dir, "--max-steps", 3, "--batch-size", 8, "--out", out],
-                                    duocap_cache / variant)
+        procs[variant] = (
+            out,
+            start(
+                [
+                    script,
+                    "--vision",
+                    vision_dir,
+                    "--language",
+                    language_dir,
+                    "--data",
+                    "shapes",
+                    "--data-dir",
+                    shapes_dir,
+                    "--max-steps",
+                    3,
+                    "--batch-size",
+                    8,
+                    "--out",
+                    out,
+                ],
+                duocap_cache / variant,
+            ),
+        )
     runs = {}
     for variant, (out, proc) in procs.items():
         rc, stdout, stderr = finish(proc)
@@ -64,8 +91,9 @@ def generated(trained, splits, duocap_cache, tmp_path_factory):
     for variant, (out, _) in trained.items():
         paths = [p["image"] for p in read_jsonl(out / "predictions_test.jsonl")]
         procs[variant] = start(["generate.py", "--checkpoint", out, "--strategy", "greedy", *paths], duocap_cache)
-    procs["missing"] = start(["generate.py", "--checkpoint", trained["explained"][0], "--strategy", "greedy",
-                              missing, good], duocap_cache)
+    procs["missing"] = start(
+        ["generate.py", "--checkpoint", trained["explained"][0], "--strategy", "greedy", missing, good], duocap_cache
+    )
     return {k: finish(p) for k, p in procs.items()}, missing, good
 
 

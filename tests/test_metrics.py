@@ -2,6 +2,7 @@
 and evaluate_run writes figures that the saved predictions reproduce.
 
 Each METEOR scorer starts a JVM (several seconds), so the tests share one where they can."""
+
 import json
 import shutil
 
@@ -15,34 +16,67 @@ from pycocoevalcap.tokenizer import ptbtokenizer
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 import data
-import shapes
 import evaluate
+import shapes
 import train
-from decoding import decode
 from conftest import pixels_for
+from decoding import decode
 
 METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr"]
 
 # six images, 2-5 references each; capitals, punctuation, contractions, possessives and hyphens,
 # where the PTB tokenizer and a plain word tokenizer disagree
 PREDICTIONS = [
-    {"image": "images/surf.jpg", "caption": "A man riding a wave on top of a surfboard.",
-     "references": ["A man riding a wave on a surfboard.", "A surfer rides a LARGE wave in the ocean!",
-                    "Man surfing on a big, blue wave."]},
-    {"image": "images/dogs.jpg", "caption": "Two dogs play in the snow",
-     "references": ["Two dogs are playing in the snow.", "A couple of dogs run through snow, chasing a ball.",
-                    "Dogs playing together in the SNOW", "two brown dogs in the snow",
-                    "Two dogs; one is jumping."]},
-    {"image": "images/kite.jpg", "caption": "A child's red kite flies over the beach.",
-     "references": ["A kid's kite flying high above a sandy beach.", "A red kite in the sky over the beach"]},
-    {"image": "images/umbrella.jpg", "caption": "A woman doesn't hold an umbrella!",
-     "references": ["A woman holds a pink umbrella in the rain.", "Woman with an umbrella, walking.",
-                    "A lady isn't getting wet: she's under an umbrella.", "A person holding an umbrella"]},
-    {"image": "images/cake.jpg", "caption": "a two-year-old eats cake at a party",
-     "references": ["A two-year-old boy eating birthday cake.", "A toddler eats cake at a birthday party!",
-                    "Little kid with cake on his face", "A small child enjoys a piece of cake."]},
-    {"image": "images/street.jpg", "caption": "Cars parked along a city street; it's raining.",
-     "references": ["Cars are parked on a wet city street.", "A rainy street with parked cars..."]},
+    {
+        "image": "images/surf.jpg",
+        "caption": "A man riding a wave on top of a surfboard.",
+        "references": [
+            "A man riding a wave on a surfboard.",
+            "A surfer rides a LARGE wave in the ocean!",
+            "Man surfing on a big, blue wave.",
+        ],
+    },
+    {
+        "image": "images/dogs.jpg",
+        "caption": "Two dogs play in the snow",
+        "references": [
+            "Two dogs are playing in the snow.",
+            "A couple of dogs run through snow, chasing a ball.",
+            "Dogs playing together in the SNOW",
+            "two brown dogs in the snow",
+            "Two dogs; one is jumping.",
+        ],
+    },
+    {
+        "image": "images/kite.jpg",
+        "caption": "A child's red kite flies over the beach.",
+        "references": ["A kid's kite flying high above a sandy beach.", "A red kite in the sky over the beach"],
+    },
+    {
+        "image": "images/umbrella.jpg",
+        "caption": "A woman doesn't hold an umbrella!",
+        "references": [
+            "A woman holds a pink umbrella in the rain.",
+            "Woman with an umbrella, walking.",
+            "A lady isn't getting wet: she's under an umbrella.",
+            "A person holding an umbrella",
+        ],
+    },
+    {
+        "image": "images/cake.jpg",
+        "caption": "a two-year-old eats cake at a party",
+        "references": [
+            "A two-year-old boy eating birthday cake.",
+            "A toddler eats cake at a birthday party!",
+            "Little kid with cake on his face",
+            "A small child enjoys a piece of cake.",
+        ],
+    },
+    {
+        "image": "images/street.jpg",
+        "caption": "Cars parked along a city street; it's raining.",
+        "references": ["Cars are parked on a wet city street.", "A rainy street with parked cars..."],
+    },
 ]
 
 
@@ -149,12 +183,16 @@ def test_line_breaks_inside_a_caption_do_not_shift_the_other_images(shared_meteo
     with a space, and must not hand every later image another image's words."""
     predictions = [dict(p) for p in PREDICTIONS]
     predictions[1]["caption"] = "Two dogs\rplay in the snow"
-    predictions[2]["references"] = ["A kid's kite flying high\u2028above a sandy beach.",
-                                    "A red kite in the sky over the beach"]
+    predictions[2]["references"] = [
+        "A kid's kite flying high\u2028above a sandy beach.",
+        "A red kite in the sky over the beach",
+    ]
     got = evaluate.caption_metrics(predictions)
 
-    clean = [dict(p, caption=" ".join(p["caption"].split()), references=[" ".join(r.split()) for r in p["references"]])
-             for p in predictions]
+    clean = [
+        dict(p, caption=" ".join(p["caption"].split()), references=[" ".join(r.split()) for r in p["references"]])
+        for p in predictions
+    ]
     assert clean[1]["caption"] == PREDICTIONS[1]["caption"]
     gts, res = as_coco(clean)
     expected = direct_scores(PTBTokenizer().tokenize(gts), PTBTokenizer().tokenize(res), shared_meteor)
@@ -163,6 +201,7 @@ def test_line_breaks_inside_a_caption_do_not_shift_the_other_images(shared_meteo
 
 # -----------------------------------------------------------------------------
 # evaluate_run end to end on a tiny model
+
 
 @pytest.fixture(scope="module")
 def trained_model(make_model, splits):
@@ -180,8 +219,15 @@ def trained_model(make_model, splits):
     model.train()
     for epoch in range(6):
         order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(epoch)).tolist()
-        for batch in data.make_loader(records, features, processor, tokenizer, batch_size=config["batch_size"],
-                                         max_tokens=config["max_caption_tokens"], order=order):
+        for batch in data.make_loader(
+            records,
+            features,
+            processor,
+            tokenizer,
+            batch_size=config["batch_size"],
+            max_tokens=config["max_caption_tokens"],
+            order=order,
+        ):
             train.train_step(model, [batch], optimizer, scheduler, scaler, params, config)
     return model.eval(), processor, tokenizer
 
@@ -207,19 +253,26 @@ def test_evaluate_run_writes_figures_that_its_predictions_reproduce(trained_mode
         assert nested["n_images"] == len(records)
         # each caption is the model's greedy caption of that image
         with torch.no_grad():
-            ids = decode(model, model.encode_images(pixel_values=pixels_for(processor, records)),
-                         tokenizer.eos_token_id, max_new_tokens=12)
-        assert [p["caption"] for p in predictions] == [tokenizer.decode(t, skip_special_tokens=True).strip()
-                                                      for t in ids]
+            ids = decode(
+                model,
+                model.encode_images(pixel_values=pixels_for(processor, records)),
+                tokenizer.eos_token_id,
+                max_new_tokens=12,
+            )
+        assert [p["caption"] for p in predictions] == [
+            tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids
+        ]
 
         # the figures are those of the saved predictions
         assert_scores_equal(nested, evaluate.caption_metrics(predictions), METRICS)
         assert nested["SPICE"] is None
-        attr = sum(shapes.parse_objects(p["caption"]) == shapes.scene_truth(r.meta)[0]
-                   for p, r in zip(predictions, records)) / len(records)
+        attr = sum(
+            shapes.parse_objects(p["caption"]) == shapes.scene_truth(r.meta)[0] for p, r in zip(predictions, records)
+        ) / len(records)
         assert nested["attribute_accuracy"] == pytest.approx(attr)
         assert nested["exact_match"] == pytest.approx(
-            sum(p["caption"] in p["references"] for p in predictions) / len(records))
+            sum(p["caption"] in p["references"] for p in predictions) / len(records)
+        )
         assert 0 <= nested["blind_attribute_accuracy"] <= 1
         # captions that differ between images and share words with the references: the check above can fail
         assert len({p["caption"] for p in predictions}) >= 2

@@ -12,6 +12,7 @@ FUSION = {"explained": ("cross_attention.", "fusion_norm."), "self_attention": (
 # -----------------------------------------------------------------------------
 # which parameters train
 
+
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("train_layers", [0, 1, 2])
 def test_trainable_parameter_set(make_model, variant, train_layers):
@@ -27,8 +28,9 @@ def test_trainable_parameter_set(make_model, variant, train_layers):
         group = [n for n in names if n.startswith(prefix)]
         assert group, f"no parameters under {prefix}"
         assert all(n in trainable for n in group), f"part of {prefix} is frozen"
-    assert all(n.startswith(expected) for n in trainable), \
+    assert all(n.startswith(expected) for n in trainable), (
         f"unexpectedly trainable: {sorted(n for n in trainable if not n.startswith(expected))}"
+    )
 
     assert not any(p.requires_grad for p in model.vision.parameters()), "the vision tower must be frozen"
     assert not model.lm.get_input_embeddings().weight.requires_grad
@@ -64,6 +66,7 @@ def test_every_trainable_parameter_gets_a_gradient(make_model, splits, variant):
 # -----------------------------------------------------------------------------
 # cross-attention fusion: token t does not depend on the other text tokens
 
+
 def test_cross_attention_fusion_of_a_token_ignores_other_text_tokens(make_model, splits, tokenizer):
     model, processor, _, _ = make_model("explained")
     perturb(model)
@@ -83,7 +86,7 @@ def test_cross_attention_fusion_of_a_token_ignores_other_text_tokens(make_model,
 
     # one token at a time (as decoding fuses it) gives the same as the whole caption at once
     for t in range(ids.shape[1]):
-        torch.testing.assert_close(model.embed(state, ids[:, t:t + 1], t)[:, 0], fused[:, t], rtol=0, atol=1e-6)
+        torch.testing.assert_close(model.embed(state, ids[:, t : t + 1], t)[:, 0], fused[:, t], rtol=0, atol=1e-6)
 
     # ... yet the fusion does depend on the image
     other = model.encode_images(pixel_values=pixels_for(processor, splits["test"][3:6]))
@@ -92,6 +95,7 @@ def test_cross_attention_fusion_of_a_token_ignores_other_text_tokens(make_model,
 
 # -----------------------------------------------------------------------------
 # self-attention: the position table
+
 
 def test_self_attention_position_table_refuses_an_overlong_sequence(make_model, splits, tokenizer):
     model, processor, _, config = make_model("self_attention", max_caption_tokens=10)
@@ -113,12 +117,17 @@ def test_self_attention_position_table_refuses_an_overlong_sequence(make_model, 
     # a training batch with too long a caption is refused, not silently cut
     input_ids = torch.randint(len(tokenizer), (2, text + 1))
     with pytest.raises(ValueError, match="position table"):
-        model(input_ids, input_ids.clone(), torch.ones_like(input_ids), features=model.image_features(
-            pixels_for(processor, splits["test"][:2])))
+        model(
+            input_ids,
+            input_ids.clone(),
+            torch.ones_like(input_ids),
+            features=model.image_features(pixels_for(processor, splits["test"][:2])),
+        )
 
 
 # -----------------------------------------------------------------------------
 # the LM head runs only on the text positions
+
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_lm_head_only_sees_text_positions(make_model, splits, variant):
@@ -167,6 +176,7 @@ def test_loss_counts_eos_and_ignores_padding(make_model, splits, variant):
 # -----------------------------------------------------------------------------
 # cached features give the same loss as pixels
 
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_features_and_pixels_give_the_same_loss(make_model, splits, variant):
     model, processor, tokenizer, _ = make_model(variant)
@@ -193,6 +203,7 @@ def test_more_train_layers_than_the_model_has_is_refused(make_model):
 def test_decoding_stops_at_the_end_of_the_position_table(make_model, splits, tokenizer):
     """A short position table bounds the caption instead of crashing the evaluation after training."""
     from decoding import decode
+
     model, processor, _, _ = make_model("self_attention", max_caption_tokens=4)
     state = model.encode_images(pixel_values=pixels_for(processor, splits["test"][:3]))
     eos = tokenizer.eos_token_id

@@ -1,5 +1,6 @@
 """Interrupted training resumes exactly: SIGKILL mid-epoch, SIGTERM (checkpoint and exit),
 a non-finite step, the wrong variant; and checkpoints are data only (safetensors + JSON)."""
+
 import json
 import random
 import re
@@ -13,16 +14,29 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoints
-from runs import build_model, load_run, read_config
 from conftest import REPO, TRAIN_SCRIPTS, VARIANTS, Script, batch_for
+from runs import build_model, load_run, read_config
 
 # 64 shapes images x 5 captions = 320 rows: 40 steps an epoch of 8, 80 in all
 TOTAL_STEPS = 80
 
 
 def common(vision_dir, language_dir, shapes_dir):
-    return ["--vision", vision_dir, "--language", language_dir, "--data", "shapes", "--data-dir", shapes_dir,
-            "--batch-size", 8, "--epochs", 2, "--no-eval"]
+    return [
+        "--vision",
+        vision_dir,
+        "--language",
+        language_dir,
+        "--data",
+        "shapes",
+        "--data-dir",
+        shapes_dir,
+        "--batch-size",
+        8,
+        "--epochs",
+        2,
+        "--no-eval",
+    ]
 
 
 def step_checkpoints(run):
@@ -59,30 +73,45 @@ def runs(vision_dir, language_dir, shapes_dir, duocap_cache, tmp_path_factory):
     an explained run stopped by SIGTERM, resumed; and the outputs of every process."""
     root = tmp_path_factory.mktemp("resume")
     args = common(vision_dir, language_dir, shapes_dir)
-    dirs = {**{f"full-{v}": root / f"full-{v}" for v in VARIANTS},
-            **{f"killed-{v}": root / f"killed-{v}" for v in VARIANTS}, "terminated": root / "terminated"}
+    dirs = {
+        **{f"full-{v}": root / f"full-{v}" for v in VARIANTS},
+        **{f"killed-{v}": root / f"killed-{v}" for v in VARIANTS},
+        "terminated": root / "terminated",
+    }
     first = {}
     for v in VARIANTS:
-        first[f"full-{v}"] = Script([TRAIN_SCRIPTS[v], *args, "--save-every", 3, "--out", dirs[f"full-{v}"]],
-                                    duocap_cache)
-        first[f"killed-{v}"] = Script([TRAIN_SCRIPTS[v], *args, "--save-every", 3, "--out", dirs[f"killed-{v}"]],
-                                      duocap_cache)
-    first["terminated"] = Script([TRAIN_SCRIPTS["explained"], *args, "--log-every", 1, "--save-every", 1000,
-                                  "--out", dirs["terminated"]], duocap_cache)
-    signal_when([(first[f"killed-{v}"], lambda d=dirs[f"killed-{v}"]: bool(step_checkpoints(d)), signal.SIGKILL)
-                 for v in VARIANTS] +
-                [(first["terminated"], lambda: bool(metrics_rows(dirs["terminated"])), signal.SIGTERM)])
+        first[f"full-{v}"] = Script(
+            [TRAIN_SCRIPTS[v], *args, "--save-every", 3, "--out", dirs[f"full-{v}"]], duocap_cache
+        )
+        first[f"killed-{v}"] = Script(
+            [TRAIN_SCRIPTS[v], *args, "--save-every", 3, "--out", dirs[f"killed-{v}"]], duocap_cache
+        )
+    first["terminated"] = Script(
+        [TRAIN_SCRIPTS["explained"], *args, "--log-every", 1, "--save-every", 1000, "--out", dirs["terminated"]],
+        duocap_cache,
+    )
+    signal_when(
+        [
+            (first[f"killed-{v}"], lambda d=dirs[f"killed-{v}"]: bool(step_checkpoints(d)), signal.SIGKILL)
+            for v in VARIANTS
+        ]
+        + [(first["terminated"], lambda: bool(metrics_rows(dirs["terminated"])), signal.SIGTERM)]
+    )
     outputs = {k: s.wait() for k, s in first.items()}
     # the stopped run as it was left, before resuming adds to it and rotates its checkpoints
     dirs["terminated-as-left"] = root / "terminated-as-left"
     if dirs["terminated"].is_dir():
         shutil.copytree(dirs["terminated"], dirs["terminated-as-left"])
 
-    second = {f"resumed-{v}": Script([TRAIN_SCRIPTS[v], "--resume", dirs[f"killed-{v}"], "--no-eval"], duocap_cache)
-              for v in VARIANTS if outputs[f"killed-{v}"][0] == -signal.SIGKILL}
+    second = {
+        f"resumed-{v}": Script([TRAIN_SCRIPTS[v], "--resume", dirs[f"killed-{v}"], "--no-eval"], duocap_cache)
+        for v in VARIANTS
+        if outputs[f"killed-{v}"][0] == -signal.SIGKILL
+    }
     if outputs["terminated"][0] in (0, 143):
-        second["resumed-terminated"] = Script([TRAIN_SCRIPTS["explained"], "--resume", dirs["terminated"],
-                                               "--no-eval"], duocap_cache)
+        second["resumed-terminated"] = Script(
+            [TRAIN_SCRIPTS["explained"], "--resume", dirs["terminated"], "--no-eval"], duocap_cache
+        )
     outputs.update({k: s.wait() for k, s in second.items()})
     return dirs, outputs
 
@@ -132,8 +161,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(runs, var
     for name in ("full", "killed"):
         summary = json.loads((dirs[f"{name}-{variant}"] / "summary.json").read_text())
         assert summary["steps"] == TOTAL_STEPS
-    assert_same_weights(dirs[f"killed-{variant}"] / "model.safetensors",
-                        dirs[f"full-{variant}"] / "model.safetensors")
+    assert_same_weights(dirs[f"killed-{variant}"] / "model.safetensors", dirs[f"full-{variant}"] / "model.safetensors")
     # the last checkpoints agree too: weights and optimizer moments. (Not the torch RNG state: a
     # resumed run creates one more DataLoader iterator, which draws from it; see the report.)
     last_full = step_checkpoints(dirs[f"full-{variant}"])[-1]
@@ -201,8 +229,7 @@ def test_checkpoints_are_safetensors_and_json_only(runs):
     for name in ("full-explained", "full-self_attention", "terminated", "terminated-as-left", "killed-explained"):
         assert_data_only(dirs[name])
     for name in ("full-explained", "terminated"):
-        leftovers = [p.name for p in (dirs[name] / "checkpoints").iterdir()
-                     if not re.fullmatch(r"step-\d{8}", p.name)]
+        leftovers = [p.name for p in (dirs[name] / "checkpoints").iterdir() if not re.fullmatch(r"step-\d{8}", p.name)]
         assert not leftovers, f"{name}: {leftovers}"
         assert len(step_checkpoints(dirs[name])) <= 2, "--keep 2 keeps the last two"
 
@@ -211,6 +238,7 @@ def test_resuming_with_the_other_variant_is_refused(runs):
     """What 10_train_self_attention.py --resume EXPLAINED_RUN runs (train.main("self_attention")),
     in this process: the refusal comes before anything is built, loaded or written."""
     import train
+
     dirs, outputs = runs
     run = dirs["full-explained"]
     ok(outputs, "full-explained")
@@ -230,6 +258,7 @@ def test_resuming_with_the_other_variant_is_refused(runs):
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
 def test_a_non_finite_loss_leaves_the_weights_untouched(make_model, splits):
     import train
+
     model, processor, tokenizer, config = make_model("explained")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -257,14 +286,20 @@ def test_a_non_finite_loss_leaves_the_weights_untouched(make_model, splits):
     assert not torch.equal(model.adapter[1].weight, before["adapter.1.weight"])
 
 
-LOADS_DATA = re.compile(r"\bc?pickle\b|\bdill\b|joblib|torch\.load\b|allow_pickle|weights_only\s*=\s*False"
-                        r"|trust_remote_code\s*=\s*True")
+LOADS_DATA = re.compile(
+    r"\bc?pickle\b|\bdill\b|joblib|torch\.load\b|allow_pickle|weights_only\s*=\s*False"
+    r"|trust_remote_code\s*=\s*True"
+)
 
 
 def test_no_top_level_script_can_unpickle():
     """Nothing in the repository's scripts loads with pickle (or torch.load, which unpickles)."""
     sources = sorted(REPO.glob("*.py"))
     assert len(sources) >= 10
-    hits = [f"{p.name}:{n}: {line.strip()}" for p in sources
-            for n, line in enumerate(p.read_text().splitlines(), 1) if LOADS_DATA.search(line)]
+    hits = [
+        f"{p.name}:{n}: {line.strip()}"
+        for p in sources
+        for n, line in enumerate(p.read_text().splitlines(), 1)
+        if LOADS_DATA.search(line)
+    ]
     assert hits == []

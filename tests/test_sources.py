@@ -1,6 +1,7 @@
 """Every data source, from a tiny dataset in its own on-disk layout: the splits, image counts and
 references per image are what the files say; a few training steps and a caption work from each;
 a missing dataset says which files are missing and where they belong."""
+
 import json
 import random
 from pathlib import Path
@@ -54,7 +55,7 @@ def write_flickr8k(root):
         image, captions = make_image(i)
         name = f"{1000 + i}_{i:04x}.jpg"
         image.save(images / name, quality=90)
-        captions = captions[:n_refs(i)]
+        captions = captions[: n_refs(i)]
         tokens += [f"{name}#{k}\t{c}" for k, c in enumerate(captions)]
         if split:
             written.add(split, name, captions)
@@ -77,10 +78,17 @@ def write_karpathy(root):
         image, captions = make_image(20 + i)
         name = f"k{i:03d}.jpg"
         image.save(root / "images" / name, quality=90)
-        captions = captions[:n_refs(i)]
-        entries.append({"filename": name, "imgid": i, "split": split,
-                        "sentences": [{"raw": c, "tokens": c.split(), "imgid": i, "sentid": 10 * i + k}
-                                      for k, c in enumerate(captions)]})
+        captions = captions[: n_refs(i)]
+        entries.append(
+            {
+                "filename": name,
+                "imgid": i,
+                "split": split,
+                "sentences": [
+                    {"raw": c, "tokens": c.split(), "imgid": i, "sentid": 10 * i + k} for k, c in enumerate(captions)
+                ],
+            }
+        )
         by_split.setdefault(split, {})[name] = captions
     (root / "dataset_flickr8k.json").write_text(json.dumps({"dataset": "flickr8k", "images": entries}))
     return by_split
@@ -114,7 +122,7 @@ def write_coco(root):
             image_id = 500 + offset + i
             name = f"{image_id:012d}.jpg"
             image.save(folder / name, quality=90)
-            captions = captions[:n_refs(i)]
+            captions = captions[: n_refs(i)]
             images.append({"id": image_id, "file_name": name, "width": 64, "height": 64})
             for c in captions:
                 annotations.append({"id": ann_id, "image_id": image_id, "caption": c})
@@ -122,7 +130,8 @@ def write_coco(root):
             captions_of[name] = captions
         random.Random(1).shuffle(annotations)
         (root / "annotations" / f"captions_{split}2017.json").write_text(
-            json.dumps({"info": {}, "licenses": [], "images": images, "annotations": annotations}))
+            json.dumps({"info": {}, "licenses": [], "images": images, "annotations": annotations})
+        )
         out.append(captions_of)
     return tuple(out)
 
@@ -150,16 +159,18 @@ def write_hf(root):
     """A DatasetDict train/validation/test saved with save_to_disk: image (datasets.Image) and
     caption (a list of references). Returns the Written account (validation named val)."""
     import datasets
+
     written, parts = Written(), {}
     for split, n, offset in (("train", 6, 100), ("validation", 2, 120), ("test", 2, 130)):
         images, captions = [], []
         for i in range(n):
             image, caps = make_image(offset + i)
             images.append(image)
-            captions.append(caps[:n_refs(i)])
-            written.add("val" if split == "validation" else split, f"{i:07d}.png", caps[:n_refs(i)])
-        features = datasets.Features({"image": datasets.Image(),
-                                      "caption": datasets.Sequence(datasets.Value("string"))})
+            captions.append(caps[: n_refs(i)])
+            written.add("val" if split == "validation" else split, f"{i:07d}.png", caps[: n_refs(i)])
+        features = datasets.Features(
+            {"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string"))}
+        )
         parts[split] = datasets.Dataset.from_dict({"image": images, "caption": captions}, features=features)
     datasets.DatasetDict(parts).save_to_disk(str(root))
     return written
@@ -193,9 +204,24 @@ def trained(sources, vision_dir, language_dir, duocap_cache, tmp_path_factory):
     runs = tmp_path_factory.mktemp("source-runs")
     scripts = {}
     for name, (where, _) in sources.items():
-        scripts[name] = Script([TRAIN_SCRIPTS["explained"], "--vision", vision_dir, "--language", language_dir,
-                                *cli_source(name, where), "--max-steps", 2, "--batch-size", 4,
-                                "--out", runs / name], duocap_cache, hide_java=True)
+        scripts[name] = Script(
+            [
+                TRAIN_SCRIPTS["explained"],
+                "--vision",
+                vision_dir,
+                "--language",
+                language_dir,
+                *cli_source(name, where),
+                "--max-steps",
+                2,
+                "--batch-size",
+                4,
+                "--out",
+                runs / name,
+            ],
+            duocap_cache,
+            hide_java=True,
+        )
     return {name: (runs / name, *s.wait()) for name, s in scripts.items()}
 
 
@@ -228,8 +254,9 @@ def test_flickr8k_official_layout(sources):
     assert_disjoint(splits)
     assert loaded(splits) == norm(written.splits), "splits, images and every reference as the files say"
     assert {k: len(v) for k, v in splits.items()} == {"train": 5, "val": 2, "test": 2}
-    assert sorted(len(r.captions) for v in splits.values() for r in v) == sorted(
-        n_refs(i) for i in range(9)), "references per image"
+    assert sorted(len(r.captions) for v in splits.values() for r in v) == sorted(n_refs(i) for i in range(9)), (
+        "references per image"
+    )
     assert all(r.image.parent == root / "Flicker8k_Dataset" for v in splits.values() for r in v)
 
 
@@ -263,8 +290,9 @@ def test_coco_2017_layout(sources):
     assert got["test"] == norm({"x": coco_val})["x"]
     assert len(got["val"]) == max(1, int(COCO_TRAIN * 0.05)) == 1
     assert len(got["train"]) == COCO_TRAIN - 1
-    assert {**got["train"], **got["val"]} == norm({"x": coco_train})["x"], \
+    assert {**got["train"], **got["val"]} == norm({"x": coco_train})["x"], (
         "every train2017 image, with all its references, is in train or val"
+    )
     assert all(r.image.parent == root / "val2017" for r in splits["test"])
     assert all(r.image.parent == root / "train2017" for r in splits["train"] + splits["val"])
     assert loaded(data.load_splits("coco", root)) == got, "the held-out images are the same every time"
@@ -287,7 +315,8 @@ def test_hugging_face_dataset_saved_to_disk(sources, tmp_path):
     assert list(splits) == ["train", "val", "test"], "'validation' is called val"
     assert loaded(splits) == norm(written.splits)
     assert sorted(len(r.captions) for v in splits.values() for r in v) == sorted(
-        len(c) for v in written.splits.values() for c in v.values())
+        len(c) for v in written.splits.values() for c in v.values()
+    )
     # the images were written out as files the rest of the pipeline can read
     for r in splits["train"]:
         assert r.image.is_file() and tmp_path in r.image.parents
@@ -308,12 +337,16 @@ def expected_data_line(name, sources):
     if name == "coco":
         coco_train, coco_val = written
         splits = data.load_splits("coco", where)  # which train image is held out is the loader's (seeded) choice
-        return (f"train {COCO_TRAIN - 1} images ({sum(map(len, coco_train.values())) - len(splits['val'][0].captions)}"
-                f" captions), val 1 images ({len(splits['val'][0].captions)} captions), "
-                f"test {COCO_VAL} images ({sum(map(len, coco_val.values()))} captions)")
+        return (
+            f"train {COCO_TRAIN - 1} images ({sum(map(len, coco_train.values())) - len(splits['val'][0].captions)}"
+            f" captions), val 1 images ({len(splits['val'][0].captions)} captions), "
+            f"test {COCO_VAL} images ({sum(map(len, coco_val.values()))} captions)"
+        )
     if name == "folder":
-        return (f"train 8 images ({8 * CSV_REFS} captions), val 1 images ({CSV_REFS} captions), "
-                f"test 1 images ({CSV_REFS} captions)")
+        return (
+            f"train 8 images ({8 * CSV_REFS} captions), val 1 images ({CSV_REFS} captions), "
+            f"test 1 images ({CSV_REFS} captions)"
+        )
     return written.describe()
 
 
@@ -323,13 +356,13 @@ def test_training_from_each_source(trained, sources, name):
     assert rc == 0, f"{name}:\n{stdout[-3000:]}\n{stderr[-5000:]}"
     where = Path(sources[name][0]).resolve()
     source = f"hf:{sources[name][0]}" if name == "hf" else name
-    line = next((l for l in stdout.splitlines() if l.startswith("data (")), None)
+    line = next((line for line in stdout.splitlines() if line.startswith("data (")), None)
     assert line == f"data ({source} at {where}): {expected_data_line(name, sources)}", stdout[:2000]
     for f in ("model.safetensors", "config.json", "eval_test.json", "predictions_test.jsonl", "summary.json"):
         assert (run / f).is_file(), f
     assert json.loads((run / "summary.json").read_text())["steps"] == 2
     figures = json.loads((run / "eval_test.json").read_text())
-    predictions = [json.loads(l) for l in (run / "predictions_test.jsonl").read_text().splitlines()]
+    predictions = [json.loads(line) for line in (run / "predictions_test.jsonl").read_text().splitlines()]
     test_split = data.splits_for(json.loads((run / "config.json").read_text()), cache_dir=run.parent)["test"]
     assert figures["n_images"] == len(predictions) == len(test_split)
     assert [p["references"] for p in predictions] == [r.captions for r in test_split]
@@ -341,6 +374,7 @@ def test_generate_captions_an_image_of_each_source(trained, name, capsys):
     """generate.py's main, in this process (a fresh process each would cost seconds of imports;
     test_bad_data runs the script itself)."""
     import generate
+
     run, rc, _, stderr = trained[name]
     assert rc == 0, stderr[-3000:]
     image = json.loads((run / "predictions_test.jsonl").read_text().splitlines()[0])["image"]
@@ -349,8 +383,10 @@ def test_generate_captions_an_image_of_each_source(trained, name, capsys):
     assert status == 0
     lines = out.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{image}\t"), out
-    predictions = {json.loads(l)["image"]: json.loads(l)["caption"]
-                   for l in (run / "predictions_test.jsonl").read_text().splitlines()}
+    predictions = {
+        json.loads(line)["image"]: json.loads(line)["caption"]
+        for line in (run / "predictions_test.jsonl").read_text().splitlines()
+    }
     assert lines[0] == f"{image}\t{predictions[image]}", "greedy captions match the run's evaluation"
 
 
@@ -361,6 +397,7 @@ def test_generate_captions_an_image_of_each_source(trained, name, capsys):
 def run_training_main(argv):
     """train.main in this process up to its data error (its RNG seeding undone afterwards)."""
     import train
+
     rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
     try:
         with pytest.raises(SystemExit) as e:
@@ -372,16 +409,39 @@ def run_training_main(argv):
     return e.value.code
 
 
-@pytest.mark.parametrize("name, missing", [
-    ("flickr8k", ["Flickr8k.token.txt", "Flicker8k_Dataset", "Flickr_8k.trainImages.txt",
-                  "Flickr_8k.devImages.txt", "Flickr_8k.testImages.txt"]),
-    ("coco", ["annotations/captions_train2017.json", "annotations/captions_val2017.json", "train2017", "val2017"]),
-])
+@pytest.mark.parametrize(
+    "name, missing",
+    [
+        (
+            "flickr8k",
+            [
+                "Flickr8k.token.txt",
+                "Flicker8k_Dataset",
+                "Flickr_8k.trainImages.txt",
+                "Flickr_8k.devImages.txt",
+                "Flickr_8k.testImages.txt",
+            ],
+        ),
+        ("coco", ["annotations/captions_train2017.json", "annotations/captions_val2017.json", "train2017", "val2017"]),
+    ],
+)
 def test_missing_dataset_lists_the_missing_files(name, missing, vision_dir, language_dir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    message = run_training_main(["--vision", str(vision_dir), "--language", str(language_dir), "--data", name,
-                                 "--data-dir", str(empty), "--out", str(tmp_path / "run")])
+    message = run_training_main(
+        [
+            "--vision",
+            str(vision_dir),
+            "--language",
+            str(language_dir),
+            "--data",
+            name,
+            "--data-dir",
+            str(empty),
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     assert isinstance(message, str) and message.startswith("error:"), message
     assert str(empty.resolve()) in message
     for f in missing:
@@ -391,6 +451,7 @@ def test_missing_dataset_lists_the_missing_files(name, missing, vision_dir, lang
 
 def test_partly_missing_flickr8k_lists_only_what_is_missing(sources, tmp_path):
     import shutil
+
     root = tmp_path / "flickr8k"
     shutil.copytree(sources["flickr8k"][0], root)
     (root / "Flickr_8k.devImages.txt").unlink()

@@ -1,6 +1,7 @@
 """The fast paths change nothing but the speed: cached fp16 features train like pixels, the feature cache
 is keyed on what it depends on, decoding runs the LM head on one position per row, and bench.py's
 measurements run on the tiny models."""
+
 import os
 import shutil
 
@@ -10,11 +11,11 @@ from PIL import Image
 
 import bench
 import data
-import shapes
 import features as feature_cache
+import shapes
 import train
-from decoding import decode
 from conftest import VARIANTS, perturb, pixels_for
+from decoding import decode
 
 
 def fresh_pair(make_model, variant, seed=0):
@@ -38,8 +39,9 @@ REAL_COMPUTE_FEATURES = feature_cache.compute_features  # tests below replace it
 
 
 def features_of(model, processor, records):
-    features, bad = REAL_COMPUTE_FEATURES(lambda pixels: model.image_features(pixels), processor,
-                                          [r.image for r in records])
+    features, bad = REAL_COMPUTE_FEATURES(
+        lambda pixels: model.image_features(pixels), processor, [r.image for r in records]
+    )
     assert bad == []
     return features
 
@@ -47,9 +49,17 @@ def features_of(model, processor, records):
 # -----------------------------------------------------------------------------
 # cached features vs pixels through the real pipeline
 
+
 def loader(records, features, processor, tokenizer, config, order):
-    return data.make_loader(records, features, processor, tokenizer, batch_size=config["batch_size"],
-                            max_tokens=config["max_caption_tokens"], order=order)
+    return data.make_loader(
+        records,
+        features,
+        processor,
+        tokenizer,
+        batch_size=config["batch_size"],
+        max_tokens=config["max_caption_tokens"],
+        order=order,
+    )
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -61,8 +71,7 @@ def test_cached_features_train_like_pixels(make_model, splits, variant):
     order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(0)).tolist()
     features = features_of(cached_model, processor, records)
     assert features.dtype == torch.float16
-    assert features.shape == (6, (32 // 8) ** 2,
-                              cached_model.vision.config.hidden_size)
+    assert features.shape == (6, (32 // 8) ** 2, cached_model.vision.config.hidden_size)
 
     cached_batches = list(loader(records, features, processor, tokenizer, config, order))
     pixel_batches = list(loader(records, None, processor, tokenizer, config, order))
@@ -101,6 +110,7 @@ def test_cached_features_train_like_pixels(make_model, splits, variant):
 # -----------------------------------------------------------------------------
 # the feature cache: one file per (backbone, preprocessing, image set)
 
+
 @pytest.fixture
 def private_cache(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
@@ -131,8 +141,9 @@ class CountingFeatures:
         return self.real(*args, **kwargs)
 
 
-def test_feature_cache_is_reused_and_rebuilt_when_its_inputs_change(make_model, other_vision_dir, splits, tmp_path,
-                                                                     private_cache, monkeypatch):
+def test_feature_cache_is_reused_and_rebuilt_when_its_inputs_change(
+    make_model, other_vision_dir, splits, tmp_path, private_cache, monkeypatch
+):
     model, processor, _, config = make_model("explained")
     records = copied_records(splits, tmp_path / "images")
     counter = CountingFeatures(REAL_COMPUTE_FEATURES)
@@ -200,6 +211,7 @@ def test_feature_cache_is_reused_and_rebuilt_when_its_inputs_change(make_model, 
 # -----------------------------------------------------------------------------
 # decoding runs the LM head on one position per row
 
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_decoding_runs_the_lm_head_on_one_position_per_row(make_model, splits, variant):
     model, processor, tokenizer, _ = make_model(variant)
@@ -226,6 +238,7 @@ def test_decoding_runs_the_lm_head_on_one_position_per_row(make_model, splits, v
 
 # -----------------------------------------------------------------------------
 # bench.py on the tiny models
+
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_bench_measures_training_and_generation(make_model, splits, variant):
