@@ -39,7 +39,7 @@ import demo
 import features
 import shapes
 import train
-from decoding import decode
+from decoding import decode, positive_int
 from runs import VARIANTS
 
 # bf16 dense peaks (FLOP/s) of common training GPUs, from their vendors' data sheets
@@ -193,18 +193,20 @@ def bench_generation(model, processor, tokenizer, images, device, new_tokens):
     return batched_rate, single_rate, batched == single
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="demo", choices=["demo", "mid", "flickr8k"])
     p.add_argument("--random-init", action="store_true", help="random weights of the same shapes (no download)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch-size", type=int, help="training batch (default 64; for flickr8k 256 on a GPU, 4 on a CPU)")
-    p.add_argument("--steps", type=int, default=20, help="timed training steps per measurement")
-    p.add_argument("--images", type=int, default=64, help="images to caption")
-    p.add_argument("--new-tokens", type=int, default=30)
+    p.add_argument(
+        "--batch-size", type=positive_int, help="training batch (default 64; for flickr8k 256 on a GPU, 4 on a CPU)"
+    )
+    p.add_argument("--steps", type=positive_int, default=20, help="timed training steps per measurement")
+    p.add_argument("--images", type=positive_int, default=64, help="images to caption")
+    p.add_argument("--new-tokens", type=positive_int, default=30)
     p.add_argument("--workers", type=int, help="DataLoader workers with the cache off (default: train.py's)")
     p.add_argument("--json", help="write the figures here too")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = args.device
     on_cpu_big = args.size == "flickr8k" and device == "cpu"
     # real size on a GPU: cross-attention feeds Qwen the caption tokens only, about 12 a row,
@@ -216,7 +218,10 @@ def main():
     workers = args.workers if args.workers is not None else (4 if device.startswith("cuda") else 0)
 
     torch.manual_seed(0)
-    vision, processor, lm, tokenizer = load_backbones(args.size, args.random_init)
+    try:
+        vision, processor, lm, tokenizer = load_backbones(args.size, args.random_init)
+    except OSError as e:  # a hub id without the network
+        raise SystemExit(f"error: {e} (--random-init measures the same shapes without downloading)") from None
     if args.size == "demo":
         records = data.load_splits("shapes", demo.demo_shapes(data.cache_root()))["train"][:256]
     else:

@@ -28,7 +28,7 @@ import train
 from decoding import decode
 from evaluate import evaluate_run
 from runs import LABELS as NAMES
-from runs import load_run, read_config
+from runs import RunError, load_run, read_config
 
 COLOURS = {"explained": "tab:blue", "self_attention": "tab:orange"}
 
@@ -183,6 +183,41 @@ def write_report(runs, evals, out, command, trained_here):
     return "\n".join(lines)
 
 
+def finished_runs(paths):
+    runs = {read_config(run_dir)["variant"]: Path(run_dir) for run_dir in paths}
+    if len(runs) != 2:
+        raise RunError(f"--runs needs one run of each variant; {' and '.join(paths)} are both {next(iter(runs))}")
+    return runs
+
+
+def train_both(args, out):
+    budget = ["--seed", str(args.seed), "--no-eval"]
+    budget += ["--epochs", str(args.epochs)] if args.epochs else []
+    budget += ["--max-steps", str(args.max_steps)] if args.max_steps else []
+    return {v: train.main(v, ["--out", str(out / v)] + budget) for v in ("explained", "self_attention")}
+
+
+def evaluate_both(runs, split, out):
+    evals, predictions = {}, {}
+    for variant, run_dir in runs.items():
+        model, processor, tokenizer, config = load_run(run_dir)
+        splits = data.splits_for(config, strict=False)
+        if split not in splits:
+            raise RunError(f"{config['data_dir']} has no split {split!r} (it has {', '.join(splits)})")
+        evals[variant] = evaluate_run(
+            model,
+            processor,
+            tokenizer,
+            splits,
+            run_dir,
+            split,
+            out=out / f"eval_{variant}.json",
+            max_new_tokens=config["max_caption_tokens"] + 1,
+        )
+        predictions[variant] = read_jsonl(run_dir / f"predictions_{split}.jsonl")
+    return evals, predictions, splits
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs=2, metavar=("RUN_A", "RUN_B"), help="two finished run directories")
@@ -196,26 +231,11 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python compare.py", *(argv if argv is not None else sys.argv[1:])])
 
-    if args.runs:
-        runs = {}
-        for run_dir in map(Path, args.runs):
-            runs[read_config(run_dir)["variant"]] = run_dir
-        if len(runs) != 2:
-            raise SystemExit("--runs needs one run of each variant")
-    else:
-        budget = ["--seed", str(args.seed), "--no-eval"]
-        budget += ["--epochs", str(args.epochs)] if args.epochs else []
-        budget += ["--max-steps", str(args.max_steps)] if args.max_steps else []
-        runs = {v: train.main(v, ["--out", str(out / v)] + budget) for v in ("explained", "self_attention")}
-
-    evals, predictions = {}, {}
-    for variant, run_dir in runs.items():
-        model, processor, tokenizer, config = load_run(run_dir)
-        splits = data.splits_for(config, strict=False)
-        evals[variant] = evaluate_run(
-            model, processor, tokenizer, splits, run_dir, args.split, out=out / f"eval_{variant}.json"
-        )
-        predictions[variant] = read_jsonl(run_dir / f"predictions_{args.split}.jsonl")
+    try:  # a wrong run folder or missing data: one line, no traceback
+        runs = finished_runs(args.runs) if args.runs else train_both(args, out)
+        evals, predictions, splits = evaluate_both(runs, args.split, out)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
     plot_losses(runs, out / "loss_curves.png")
     plot_samples(predictions, out / "samples.png")
     plot_attention(runs, splits[args.split][:3], out / "attention.png")

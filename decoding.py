@@ -7,6 +7,7 @@ share every strategy through the same three calls, and the callers (generate.py,
 evaluation, the app, the benchmarks) only need this module and a loaded run.
 """
 
+import argparse
 import time
 
 import torch
@@ -149,3 +150,59 @@ def caption_images(
     if stats is not None:
         stats.update(tokens=tokens, seconds=time.time() - t0)
     return captions
+
+
+# -----------------------------------------------------------------------------
+# the decoding options of the command-line tools
+
+STRATEGIES = ("greedy", "top-k", "top-p", "beam")
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def unit_interval(text):
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {value}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {value}")
+    return value
+
+
+def add_options(parser, strategy):
+    """The decoding options generate.py and evaluate.py share, checked when parsed."""
+    parser.add_argument("--strategy", default=strategy, choices=STRATEGIES)
+    parser.add_argument("--beams", type=positive_int, default=4)
+    parser.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log-prob / length**this")
+    parser.add_argument("--top-k", type=positive_int, default=50)
+    parser.add_argument("--top-p", type=unit_interval, default=0.9)
+    parser.add_argument("--temperature", type=positive_float, default=1.0)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        help="default: what the run was trained on (its --max-caption-tokens, plus EOS)",
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+
+
+def options(args, config):
+    """decode()'s keyword arguments from parsed options; the length follows the run unless given."""
+    return dict(
+        strategy=args.strategy,
+        beams=args.beams,
+        length_penalty=args.length_penalty,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        max_new_tokens=args.max_new_tokens or config["max_caption_tokens"] + 1,
+    )

@@ -22,8 +22,8 @@ import shutil
 from pathlib import Path
 
 import data
+import decoding
 import shapes
-from decoding import caption_images
 from runs import load_run
 
 SPICE_NOTE = "SPICE is not computed: it downloads Stanford CoreNLP models at run time"
@@ -92,7 +92,9 @@ def evaluate_split(model, processor, tokenizer, records, device="cpu", batch_siz
         print(f"left out of the evaluation: {message}")
     images = [r.image for r in records]  # decoded a batch at a time: a whole split may not fit in memory
     stats = {}
-    captions = caption_images(model, processor, tokenizer, images, batch_size, device, stats=stats, **decode_kwargs)
+    captions = decoding.caption_images(
+        model, processor, tokenizer, images, batch_size, device, stats=stats, **decode_kwargs
+    )
     predictions = [{"image": str(r.image), "caption": c, "references": r.captions} for r, c in zip(records, captions)]
     figures = {
         "n_images": len(records),
@@ -104,7 +106,7 @@ def evaluate_split(model, processor, tokenizer, records, device="cpu", batch_siz
     if all(r.meta.get("objects") for r in records):
         figures.update(shapes_figures(records, captions))
         # each image captioned from the next image's pixels, scored against its own scene
-        blind = caption_images(
+        blind = decoding.caption_images(
             model,
             processor,
             tokenizer,
@@ -140,11 +142,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory written by a training script")
     p.add_argument("--split", default="test")
-    p.add_argument("--strategy", default="greedy", choices=["greedy", "top-k", "top-p", "beam"])
-    p.add_argument("--beams", type=int, default=4)
-    p.add_argument("--length-penalty", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=64)
+    decoding.add_options(p, strategy="greedy")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="where to write the JSON (default RUN_DIR/eval_<split>.json)")
     args = p.parse_args(argv)
@@ -165,11 +163,7 @@ def main(argv=None):
         args.split,
         args.device,
         args.out,
-        strategy=args.strategy,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        beams=args.beams,
-        length_penalty=args.length_penalty,
+        **decoding.options(args, config),
     )
     print(json.dumps(figures, indent=2))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import data
-from decoding import caption_images
+import decoding
 from runs import load_run
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -43,20 +43,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory written by a training script")
     p.add_argument("paths", nargs="+", help="image files or folders")
-    p.add_argument("--strategy", default="top-k", choices=["greedy", "top-k", "top-p", "beam"])
-    p.add_argument("--beams", type=int, default=4)
-    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log-prob / length**this")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--temperature", type=float, default=1.0)
+    decoding.add_options(p, strategy="top-k")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-new-tokens", type=int, default=30)
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence at every step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     try:
-        model, processor, tokenizer, _ = load_run(args.checkpoint)
+        model, processor, tokenizer, config = load_run(args.checkpoint)
     except (ValueError, OSError) as e:  # not a run, the other variant, missing backbones: one line
         raise SystemExit(f"error: {e}") from None
 
@@ -73,22 +66,16 @@ def main(argv=None):
     if images:
         model.to(args.device)
         generator = torch.Generator(args.device).manual_seed(args.seed)
-        captions = caption_images(
+        captions = decoding.caption_images(
             model,
             processor,
             tokenizer,
             images,
             args.batch_size,
             args.device,
-            strategy=args.strategy,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            temperature=args.temperature,
-            max_new_tokens=args.max_new_tokens,
-            beams=args.beams,
-            length_penalty=args.length_penalty,
             use_cache=not args.no_kv_cache,
             generator=generator,
+            **decoding.options(args, config),
         )
         for f, c in zip(good, captions):
             print(f"{f}\t{c}")

@@ -35,6 +35,7 @@ import data
 import demo
 import features
 import runs
+from decoding import positive_float, positive_int
 from evaluate import evaluate_run
 
 # -----------------------------------------------------------------------------
@@ -62,20 +63,6 @@ PRESETS = {
 }
 
 
-def positive(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
-    return value
-
-
-def positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, not {value}")
-    return value
-
-
 def parse_args(variant, argv=None):
     p = argparse.ArgumentParser(description=f"Train the {variant} captioner.")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
@@ -97,14 +84,14 @@ def parse_args(variant, argv=None):
     p.add_argument("--download", action="store_true", help="hf: allow fetching a hub dataset")
     p.add_argument("--vision", help="CLIP vision tower: hub id or local directory (overrides the preset)")
     p.add_argument("--language", help="Qwen causal LM + tokenizer: hub id or local directory (overrides the preset)")
-    p.add_argument("--epochs", type=positive)
-    p.add_argument("--batch-size", type=positive, help="per rank and per accumulation step")
-    p.add_argument("--grad-accum", type=positive, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--epochs", type=positive_int)
+    p.add_argument("--batch-size", type=positive_int, help="per rank and per accumulation step")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=positive_float)
-    p.add_argument("--max-steps", type=positive, help="stop after this many optimizer steps")
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
     p.add_argument("--train-layers", type=int, default=2, help="last Qwen decoder layers to train")
-    p.add_argument("--heads", type=positive, default=8, help="cross-attention heads (explained variant)")
-    p.add_argument("--max-caption-tokens", type=positive)
+    p.add_argument("--heads", type=positive_int, default=8, help="cross-attention heads (explained variant)")
+    p.add_argument("--max-caption-tokens", type=positive_int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument(
@@ -115,11 +102,13 @@ def parse_args(variant, argv=None):
     )
     p.add_argument("--workers", type=int, help="DataLoader workers (default 0 on CPU, 4 on CUDA)")
     p.add_argument("--no-feature-cache", action="store_true", help="run the vision tower on every batch")
-    p.add_argument("--log-every", type=positive, default=10)
+    p.add_argument("--log-every", type=positive_int, default=10)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at each epoch end)")
-    p.add_argument("--keep", type=positive, default=2, help="checkpoints to keep")
-    p.add_argument("--max-bad-steps", type=positive, default=5, help="stop after this many non-finite steps in a row")
+    p.add_argument("--keep", type=positive_int, default=2, help="checkpoints to keep")
+    p.add_argument(
+        "--max-bad-steps", type=positive_int, default=5, help="stop after this many non-finite steps in a row"
+    )
     p.add_argument("--no-eval", action="store_true", help="skip the test evaluation after training")
     p.add_argument(
         "--wandb",
@@ -651,7 +640,16 @@ def main(variant, argv=None):
     if args.no_eval or "test" not in splits:
         print(f"run directory: {run_dir}")
         return run_dir
-    figures = evaluate_run(model, processor, tokenizer, splits, run_dir, "test", config["device"])
+    figures = evaluate_run(
+        model,
+        processor,
+        tokenizer,
+        splits,
+        run_dir,
+        "test",
+        config["device"],
+        max_new_tokens=config["max_caption_tokens"] + 1,
+    )  # as long as training allowed
     headline = ", ".join(f"{k} {v:.3f}" for k, v in figures.items() if isinstance(v, float))
     if "compositional" in figures:
         headline += f"; compositional attribute_accuracy {figures['compositional']['attribute_accuracy']:.3f}"
