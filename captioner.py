@@ -21,10 +21,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch.utils.checkpoint import checkpoint
+
+
+def chunk_cross_entropy(head, hidden, targets):
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
 
 class Captioner(nn.Module):
     variant = None
+    loss_chunk_rows = 1024  # rows of fp32 logits alive at once: 1024 x 151,936 x 4 bytes = 0.6 GB for Qwen
 
     def __init__(self, vision, lm, train_layers=2):
         super().__init__()
@@ -101,14 +107,26 @@ class Captioner(nn.Module):
 
     def forward(self, input_ids, targets, attention_mask, pixel_values=None, features=None, reduction="mean"):
         """Cross-entropy over the caption tokens (targets of -100 are ignored), their mean
-        or (reduction="sum") their sum. The LM head only runs on the text positions: the
-        image positions need no logits."""
+        or (reduction="sum") their sum.
+
+        The LM head only runs where there is a target: not on image positions, not on
+        padding. With Qwen's 151,936-token vocabulary, logits for every position of a
+        batch of 256 x 40 would take about 13 GB with their gradient, so the head and the
+        cross-entropy run in chunks of rows, each recomputed in the backward pass
+        (activation checkpointing): peak memory is one chunk's logits, whatever the batch."""
         state = self.encode_images(pixel_values, features)
         embeds = self.embed(state, input_ids, 0)
         P = self.prefix_len(state)
         mask = torch.cat([attention_mask.new_ones(attention_mask.shape[0], P), attention_mask], 1)
-        logits = self.lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=input_ids.shape[1]).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction=reduction)
+        hidden = self.lm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state[:, P:]
+        picked = targets != -100
+        hidden, targets = hidden[picked], targets[picked]
+        head = self.lm.get_output_embeddings()
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        for k in range(0, len(targets), self.loss_chunk_rows):
+            rows = slice(k, k + self.loss_chunk_rows)
+            loss = loss + checkpoint(chunk_cross_entropy, head, hidden[rows], targets[rows], use_reentrant=False)
+        return loss if reduction == "sum" else loss / max(len(targets), 1)
 
     # --- decoding ---------------------------------------------------------------
 

@@ -466,17 +466,21 @@ def encode_captions(tokenizer, captions, max_tokens):
     """input ids = [BOS] + caption, targets = caption + [EOS], right-padded.
 
     Qwen base models have no BOS token, so EOS stands in for it. Padding
-    targets are -100, never the pad id: pad == EOS and EOS must be learned."""
+    targets are -100, never the pad id: pad == EOS and EOS must be learned.
+    A caption cut at max_tokens gets no EOS target: it did not end there, and
+    teaching the model to stop mid-sentence would be wrong."""
     eos = tokenizer.eos_token_id
-    token_lists = [tokenizer(c, add_special_tokens=False)["input_ids"][:max_tokens] for c in captions]
-    T = max(len(t) for t in token_lists) + 1
+    full = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in captions]
+    T = min(max(len(t) for t in full), max_tokens) + 1
     input_ids = torch.full((len(captions), T), eos, dtype=torch.long)
     targets = torch.full((len(captions), T), -100, dtype=torch.long)
     mask = torch.zeros((len(captions), T), dtype=torch.long)
-    for i, toks in enumerate(token_lists):
+    for i, toks in enumerate(full):
+        cut = len(toks) > max_tokens
+        toks = toks[:max_tokens]
         n = len(toks) + 1
         input_ids[i, 1:n] = torch.tensor(toks, dtype=torch.long)
-        targets[i, :n] = torch.tensor(toks + [eos], dtype=torch.long)
+        targets[i, : n - cut] = torch.tensor(toks if cut else toks + [eos], dtype=torch.long)
         mask[i, :n] = 1
     return input_ids, targets, mask
 

@@ -142,16 +142,20 @@ def test_encode_captions_layout(tokenizer):
     assert (mask.sum(1) == torch.tensor(lengths) + 1).all()
 
 
-def test_encode_captions_truncates_to_max_tokens(tokenizer):
+def test_a_truncated_caption_gets_no_eos_target(tokenizer):
     eos = tokenizer.eos_token_id
     caption = "a large blue square to the left of a small green triangle"
     toks = tokenizer(caption, add_special_tokens=False)["input_ids"]
-    assert len(toks) > 4
+    short = tokenizer("a", add_special_tokens=False)["input_ids"]
+    assert len(toks) > 4 and len(short) < 4
     input_ids, targets, mask = data.encode_captions(tokenizer, [caption, "a"], max_tokens=4)
     assert input_ids.shape == (2, 5)
     assert input_ids[0].tolist() == [eos] + toks[:4]
-    assert targets[0].tolist() == toks[:4] + [eos]
+    # cut mid-sentence: the model must not learn to stop there
+    assert targets[0].tolist() == toks[:4] + [-100]
     assert mask[0].tolist() == [1] * 5
+    # a caption that fits still ends with EOS
+    assert targets[1].tolist() == short + [eos] + [-100] * (4 - len(short))
 
 
 # -----------------------------------------------------------------------------

@@ -130,11 +130,12 @@ def test_self_attention_position_table_refuses_an_overlong_sequence(make_model, 
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_lm_head_only_sees_text_positions(make_model, splits, variant):
+def test_lm_head_only_sees_target_positions(make_model, splits, variant):
     model, processor, tokenizer, _ = make_model(variant)
     perturb(model)
     batch = batch_for(processor, tokenizer, splits["train"][:3])
-    T = batch["input_ids"].shape[1]
+    n_targets = int((batch["targets"] != -100).sum())
+    assert n_targets < batch["targets"].numel(), "the batch must have padding for this test to mean anything"
     seen = []
     handle = model.lm.lm_head.register_forward_hook(lambda m, inputs, output: seen.append(inputs[0].shape))
     try:
@@ -142,7 +143,7 @@ def test_lm_head_only_sees_text_positions(make_model, splits, variant):
     finally:
         handle.remove()
     assert len(seen) == 1
-    assert seen[0][:2] == (3, T), f"LM head ran on {seen[0][1]} positions, the caption has {T}"
+    assert seen[0][0] == n_targets, f"LM head ran on {seen[0][0]} rows, the captions have {n_targets} targets"
 
     # and those are the right positions: the loss is the text part of a full forward pass
     with torch.no_grad():
@@ -151,9 +152,20 @@ def test_lm_head_only_sees_text_positions(make_model, splits, variant):
         assert P == (16 if variant == "self_attention" else 0)
         mask = torch.cat([torch.ones(3, P, dtype=torch.long), batch["attention_mask"]], 1)
         full = model.lm(inputs_embeds=model.embed(state, batch["input_ids"], 0), attention_mask=mask).logits
-        assert full.shape[1] == P + T
+        assert full.shape[1] == P + batch["input_ids"].shape[1]
         expected = F.cross_entropy(full[:, P:].flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-5)
+    # in chunks of a few rows (several head calls, each recomputed in backward) it is the same loss and gradient
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.loss_chunk_rows = 7
+    chunked = model(**batch)
+    chunked.backward()
+    torch.testing.assert_close(chunked.detach(), expected, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        if n in grads:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
