@@ -70,6 +70,16 @@ class Captioner(nn.Module):
             h.update(t.detach().float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
 
+    def parameter_groups(self, weight_decay):
+        """AdamW groups: weight decay on the trainable matrices only. LayerNorm gains, biases and
+        embeddings (the modality and position tables) are not decayed (as in nanoGPT): pulling a
+        gain or an embedding towards zero is not regularisation, it changes what the layer means."""
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in trainable if p.ndim >= 2 and id(p) not in embeddings]
+        no_decay = [p for p in trainable if p.ndim < 2 or id(p) in embeddings]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
     def parameter_counts(self):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return trainable, sum(p.numel() for p in self.parameters())

@@ -61,7 +61,9 @@ def decode(
     # a learned position table (self-attention) bounds how long a caption can get
     max_new_tokens = min(max_new_tokens, getattr(model, "max_text_tokens", max_new_tokens))
     if strategy == "beam":
-        return beam_search(model, state, eos_id, beams, max_new_tokens, length_penalty, use_cache)
+        if beams > 1:
+            return beam_search(model, state, eos_id, beams, max_new_tokens, length_penalty, use_cache)
+        strategy = "greedy"  # one beam is greedy search
     B = batch_size_of(state)
     ids = torch.full((B, 1), eos_id, dtype=torch.long, device=device_of(state))
     done = torch.zeros(B, dtype=torch.bool, device=ids.device)
@@ -80,39 +82,63 @@ def decode(
 
 @torch.no_grad()
 def beam_search(model, state, eos_id, beams=4, max_new_tokens=30, length_penalty=1.0, use_cache=True):
-    """Keep the `beams` most probable captions of each image; return the best by
-    log-probability / length**length_penalty. A finished beam only extends with
-    EOS at no cost, so it keeps competing with the unfinished ones. With a cache,
-    the cache rows are reordered along with the beams, never recomputed."""
+    """The standard scheme (as transformers' generate does it): N live beams per image and a
+    pool of finished hypotheses compared by log-probability / length**length_penalty.
+
+    Each step ranks the 2N best expansions of the live beams; one ending in EOS joins the
+    pool (when it ranks among the first N), the N best others stay live, so the search
+    keeps its full width however many beams finish. An image is done once its pool holds
+    N hypotheses and no live beam can still beat the worst of them at any later length.
+    With a cache, the cache rows are reordered along with the beams, never recomputed."""
     B, N = batch_size_of(state), beams
-    state = index_state(state, torch.arange(B, device=device_of(state)).repeat_interleave(N))
-    ids = torch.full((B * N, 1), eos_id, dtype=torch.long, device=device_of(state))
-    scores = torch.full((B, N), float("-inf"), device=ids.device)
+    device = device_of(state)
+    state = index_state(state, torch.arange(B, device=device).repeat_interleave(N))
+    ids = torch.full((B * N, 1), eos_id, dtype=torch.long, device=device)
+    scores = torch.full((B, N), float("-inf"), device=device)
     scores[:, 0] = 0  # all beams start identical: only the first one may expand
-    lengths = torch.zeros(B * N, device=ids.device)
-    done = torch.zeros(B * N, dtype=torch.bool, device=ids.device)
+    pools = [[] for _ in range(B)]  # per image: (normalised score, tokens) of finished hypotheses
+    done = [False] * B
+    normalise = lambda score, length: score / length**length_penalty
     cache = None
-    for _ in range(max_new_tokens):
+    for length in range(1, max_new_tokens + 1):  # tokens generated, EOS included
         logits, cache = model.next_logits(state, ids, cache, use_cache)
-        logprobs = logits.log_softmax(-1)
-        finished_row = torch.full_like(logprobs[0], float("-inf"))
-        finished_row[eos_id] = 0
-        logprobs[done] = finished_row
+        logprobs = logits.float().log_softmax(-1)
         V = logprobs.shape[-1]
-        candidates = (scores.view(B * N, 1) + logprobs).view(B, N * V)
-        scores, flat = candidates.topk(N, -1)
-        origin = (flat // V + torch.arange(B, device=ids.device)[:, None] * N).view(-1)
-        token = (flat % V).view(-1)
-        lengths = lengths[origin] + ~done[origin]
-        done = done[origin] | (token == eos_id)
-        ids = torch.cat([ids[origin], token[:, None]], 1)
+        top, flat = (scores.view(B * N, 1) + logprobs).view(B, N * V).topk(min(2 * N, N * V), -1)
+        origin, tokens, live = [], [], []
+        for b in range(B):
+            kept = []
+            for rank, (score, f) in enumerate(zip(top[b].tolist(), flat[b].tolist())):
+                row, token = b * N + f // V, f % V
+                if token == eos_id:
+                    if rank < N and not done[b] and score > float("-inf"):
+                        pools[b].append((normalise(score, length), ids[row, 1:].tolist()))
+                elif len(kept) < N:
+                    kept.append((score, row, token))
+            pools[b] = sorted(pools[b], key=lambda h: h[0], reverse=True)[:N]
+            if len(pools[b]) == N and not done[b]:
+                # scores only fall as tokens are added; the normalised score is best at the
+                # longest length when length_penalty > 0, at the next length otherwise
+                best_length = max_new_tokens if length_penalty > 0 else min(length + 1, max_new_tokens)
+                done[b] = length == max_new_tokens or pools[b][-1][0] >= normalise(kept[0][0], best_length)
+            live.append([score for score, _, _ in kept])
+            origin += [row for _, row, _ in kept]
+            tokens += [token for _, _, token in kept]
+        if all(done):
+            break
+        origin = torch.tensor(origin, device=device)
+        scores = torch.tensor(live, device=device)
+        ids = torch.cat([ids[origin], torch.tensor(tokens, device=device)[:, None]], 1)
         if cache is not None:
             cache.reorder_cache(origin)
-        if done.all():
-            break
-    final = scores.view(-1) / lengths.clamp(min=1) ** length_penalty
-    best = final.view(B, N).argmax(-1) + torch.arange(B, device=ids.device) * N
-    return strip_eos(ids[best, 1:].tolist(), eos_id)
+    for b in range(B):  # beams still running at the length limit compete as they are
+        if not done[b]:
+            pools[b] += [
+                (normalise(s, ids.shape[1] - 1), ids[b * N + k, 1:].tolist())
+                for k, s in enumerate(scores[b].tolist())
+                if s > float("-inf")
+            ]
+    return [max(pool, key=lambda h: h[0])[1] for pool in pools]
 
 
 def pick_token(logits, strategy, top_k, top_p, temperature, generator):

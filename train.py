@@ -415,7 +415,7 @@ class Training:
         if config["max_steps"]:
             self.total_steps = min(self.total_steps, config["max_steps"])
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=config["lr"], weight_decay=config["weight_decay"])
+        self.optimizer = torch.optim.AdamW(model.parameter_groups(config["weight_decay"]), lr=config["lr"])
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, math.ceil(config["warmup"] * self.total_steps), self.total_steps
         )
