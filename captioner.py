@@ -80,6 +80,11 @@ class Captioner(nn.Module):
         no_decay = [p for p in trainable if p.ndim < 2 or id(p) in embeddings]
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
+    def n_patches(self):
+        """Image tokens per image: the CLIP tower's patch grid (its CLS token is dropped)."""
+        vc = self.vision.config
+        return (vc.image_size // vc.patch_size) ** 2
+
     def parameter_counts(self):
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         return trainable, sum(p.numel() for p in self.parameters())

@@ -13,6 +13,7 @@ Every source yields Records: one image path with all of its reference captions
 """
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -330,9 +331,26 @@ def load_coco(root, problems, seed=0):
     return {"train": held["train"], "val": held["val"], "test": out["val"]}
 
 
+# columns that name the image of a row, when a dataset stores one row per caption
+HF_ID_COLUMNS = ("image_id", "img_id", "imgid", "cocoid")
+
+
+def hf_image_bytes(value):
+    """The encoded bytes of an undecoded image value: datasets.Image(decode=False) gives
+    {"bytes", "path"}; a plain column gives a path."""
+    if isinstance(value, dict):
+        return value["bytes"] if value.get("bytes") is not None else Path(value["path"]).read_bytes()
+    return Path(value).read_bytes()
+
+
 def load_hf(name, problems, cache_dir, image_column="image", caption_columns=("caption",), download=False):
     """A Hugging Face dataset (a save_to_disk folder, or a hub id with --download). Its images
-    are written once to cache_dir as files, so the rest of the pipeline sees paths."""
+    are written once to cache_dir as files, so the rest of the pipeline sees paths.
+
+    Many caption datasets store one row per caption. Rows are grouped into one record per
+    image, by an id column when there is one (HF_ID_COLUMNS), else by the image's bytes,
+    so that one picture is never split across train and test or scored against one
+    reference instead of all of its captions."""
     import datasets
 
     if Path(name).exists():
@@ -351,19 +369,28 @@ def load_hf(name, problems, cache_dir, image_column="image", caption_columns=("c
                 f"hf:{name} split {split}: no column {missing[0]!r} (it has {part.column_names}); "
                 "pass --image-column / --caption-column"
             )
+        id_column = next((c for c in HF_ID_COLUMNS if c in part.column_names), None)
+        if isinstance(part.features[image_column], datasets.Image):
+            part = part.cast_column(image_column, datasets.Image(decode=False))  # hashed and written as stored
         folder = Path(cache_dir) / f"hf-{part._fingerprint}"
-        if not (folder / "done").is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            for i, image in enumerate(
-                tqdm(part[image_column], desc=f"hf:{name} {split}: writing images", leave=False, disable=None)
-            ):
-                (image if isinstance(image, Image.Image) else Image.open(image)).save(folder / f"{i:07d}.png")
-            (folder / "done").write_text("")
-        rows = []
-        for i, row in enumerate(part.select_columns(list(caption_columns))):
+        written = (folder / "done").is_file()
+        folder.mkdir(parents=True, exist_ok=True)
+        columns = [image_column, *caption_columns, *([id_column] if id_column else [])]
+        rows, names = [], set()
+        for i, row in enumerate(
+            tqdm(part.select_columns(columns), desc=f"hf:{name} {split}: images", leave=False, disable=None)
+        ):
+            encoded = None if id_column else hf_image_bytes(row[image_column])
+            key = f"id {row[id_column]}" if id_column else hashlib.sha256(encoded).hexdigest()
+            image_name = hashlib.sha256(key.encode()).hexdigest()[:20] + ".png"
+            if image_name not in names and not written:
+                with Image.open(io.BytesIO(encoded or hf_image_bytes(row[image_column]))) as im:
+                    _to_rgb(ImageOps.exif_transpose(im)).save(folder / image_name)
+            names.add(image_name)
             for col in caption_columns:
                 values = row[col] if isinstance(row[col], list) else [row[col]]
-                rows += [(f"{i:07d}.png", v, f"hf:{name} {split}[{i}].{col}") for v in values]
+                rows += [(image_name, v, f"hf:{name} {split}[{i}].{col}") for v in values]
+        (folder / "done").write_text("")
         splits[rename.get(split, split)] = group_captions(folder, rows, problems)
     return splits
 
@@ -429,12 +456,38 @@ def load_splits(
         held = split_by_image(splits["train"], seed, val_fraction=0.05, test_fraction=0.0)
         splits.update(train=held["train"], val=held["val"])
         print(f"no val split: {len(held['val'])} training images (5%, seed {seed}) held out for validation")
-    seen = {}
+    check_disjoint(splits)
+    return splits
+
+
+def file_digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_disjoint(splits):
+    """No image in two splits: neither the same file, nor the same bytes under two names (only
+    files of equal size in different splits are read and compared)."""
+    split_of, by_size = {}, {}
     for split, records in splits.items():
         for r in records:
-            if seen.setdefault(r.image, split) != split:
-                raise DataError(f"{r.image} is in both the {seen[r.image]} and the {split} split")
-    return splits
+            if split_of.setdefault(r.image, split) != split:
+                raise DataError(f"{r.image} is in both the {split_of[r.image]} and the {split} split")
+            by_size.setdefault(os.path.getsize(r.image), []).append((split, r.image))
+    for group in by_size.values():
+        if len({split for split, _ in group}) < 2:
+            continue
+        first = {}
+        for split, path in group:
+            other_split, other = first.setdefault(file_digest(path), (split, path))
+            if other_split != split:
+                raise DataError(f"{path} (in {split}) and {other} (in {other_split}) are the same image")
+
+
+def split_id(records):
+    """A short hash of a split's image contents, independent of paths and order: two runs were
+    scored on the same test set exactly when their ids agree."""
+    digests = sorted(file_digest(r.image) for r in records)
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()[:16]
 
 
 def splits_for(config, strict=None, cache_dir=None):
@@ -443,7 +496,7 @@ def splits_for(config, strict=None, cache_dir=None):
     return load_splits(
         config["data"],
         config["data_dir"],
-        config["seed"],
+        config.get("data_seed", config["seed"]),  # runs made before --data-seed split with --seed
         strict=opts.get("strict", True) if strict is None else strict,
         cache_dir=cache_dir,
         image_root=opts.get("image_root"),

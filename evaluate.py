@@ -126,7 +126,7 @@ def evaluate_run(model, processor, tokenizer, splits, run_dir, split="test", dev
     run_dir = Path(run_dir)
     model.eval()
     figures, predictions = evaluate_split(model, processor, tokenizer, splits[split], device, **decode_kwargs)
-    figures = {"split": split, **figures}
+    figures = {"split": split, "split_id": data.split_id(splits[split]), **figures}
     data.write_jsonl(run_dir / f"predictions_{split}.jsonl", predictions)
     if split == "test" and "compositional" in splits:
         comp, comp_predictions = evaluate_split(

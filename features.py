@@ -1,47 +1,110 @@
 """
 The frozen vision tower's features, computed once per image and cached on disk.
 
-The cache file is keyed by everything that decides the features: the tower's
-name and config, the preprocessing, and each image file (path, size, mtime).
-Images that fail to fully decode are recorded with the features, so that every
-later run reports them the same way without decoding them again.
+A cache is one .npy file of fp16 features [N images, P patches, D] beside a JSON
+file naming the images that failed to decode and why. Its name is a hash of all
+that decides the features: the tower's name, config and weights, the
+preprocessing, and each image file (path, size, mtime).
+
+Built without holding it in memory: images are decoded and preprocessed in
+DataLoader workers, and each batch of features is written into its rows of the
+memory-mapped file. Under torchrun every rank encodes its own slice of the
+images into the same file, so no rank waits on another for the whole set.
+Training reads it memory-mapped too: a cache larger than memory costs page
+cache, not private memory, and workers (forked or spawned) share it.
 """
 
 import hashlib
 import json
 import os
+from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+import torch.distributed as dist
 from tqdm import tqdm
 
 import data
 
+VERSION = "v4"
 
-def compute_features(encode, processor, paths, batch_size=64, desc="image features"):
-    """(features [N_good, P, D] fp16, [(index, problem)] of images that failed to decode).
 
-    This is where every image is fully decoded once, so a truncated file is found here."""
-    chunks, bad = [], []
-    for k in tqdm(range(0, len(paths), batch_size), desc=desc, leave=False, unit="batch", disable=None):
-        images = []
-        for i, p in enumerate(paths[k : k + batch_size], k):
-            try:
-                images.append(data.read_image(p))
-            except data.DataError as e:
-                bad.append((i, str(e)))
-        if images:
-            pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+# -----------------------------------------------------------------------------
+# extraction: images decoded in DataLoader workers, features a batch at a time
+
+
+class DecodedImages(torch.utils.data.Dataset):
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return i, data.read_image(self.paths[i]), None
+        except data.DataError as e:
+            return i, None, str(e)
+
+
+class Preprocess:
+    """A batch of decoded images -> (indices, pixel values or None, [(index, problem)]), in the worker."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, items):
+        good = [(i, image) for i, image, problem in items if problem is None]
+        bad = [(i, problem) for i, _, problem in items if problem is not None]
+        pixels = (
+            self.processor(images=[image for _, image in good], return_tensors="pt")["pixel_values"] if good else None
+        )
+        return [i for i, _ in good], pixels, bad
+
+
+def feature_batches(encode, processor, paths, batch_size=64, workers=0, desc="image features"):
+    """Yield (indices of the images that decoded, their features [n, P, D] fp16 on the CPU or
+    None, [(index, problem)] of the images that did not). Every image is fully decoded here,
+    so a truncated file is found here."""
+    loader = torch.utils.data.DataLoader(
+        DecodedImages(paths), batch_size=batch_size, num_workers=workers, collate_fn=Preprocess(processor)
+    )
+    for indices, pixels, bad in tqdm(loader, desc=desc, leave=False, unit="batch", disable=None):
+        features = None
+        if pixels is not None:
             with torch.no_grad():
-                chunks.append(encode(pixels).to(torch.float16).cpu())
+                features = encode(pixels).to(torch.float16).cpu()
+        yield indices, features, bad
+
+
+def compute_features(encode, processor, paths, batch_size=64, desc="image features", workers=0):
+    """(features [N_good, P, D] fp16 in memory, [(index, problem)]): for small sets (benchmarks, tests)."""
+    chunks, bad = [], []
+    for _, features, problems in feature_batches(encode, processor, paths, batch_size, workers, desc):
+        chunks += [] if features is None else [features]
+        bad += problems
     return torch.cat(chunks), bad
+
+
+# -----------------------------------------------------------------------------
+# the cache
+
+
+def weights_digest(module):
+    """A hash of every tensor of a module: a folder re-saved with other weights, or another hub
+    revision, must not reuse features computed with the old ones."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def cache_key(vision_name, vision, processor, records):
     h = hashlib.sha256()
     h.update(vision_name.encode())
     h.update(vision.config.to_json_string().encode())
+    h.update(weights_digest(vision).encode())
     h.update(processor.to_json_string().encode())
     for r in records:
         st = os.stat(r.image)
@@ -49,21 +112,109 @@ def cache_key(vision_name, vision, processor, records):
     return h.hexdigest()[:20]
 
 
-def cached_features(model, processor, vision_name, records, device, strict=True):
-    """(records, [N, P, D] fp16 vision features) from the disk cache when the same backbone,
-    preprocessing and image files were seen before. Images that fail to fully decode raise a
-    DataError listing them, or (strict False) are left out: the records returned are the ones kept."""
-    path = data.cache_root() / "features" / f"{cache_key(vision_name, model.vision, processor, records)}-v3.safetensors"
-    if not path.is_file():
-        features, bad = compute_features(
-            lambda pixels: model.image_features(pixels.to(device)), processor, [r.image for r in records]
-        )
-        dropped = {i for i, _ in bad}
-        kept = torch.tensor([i for i in range(len(records)) if i not in dropped], dtype=torch.long)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"  # runs sharing the cache may build the same file at once
-        save_file({"features": features, "kept": kept}, tmp, metadata={"failed": json.dumps([m for _, m in bad])})
+class FeatureStore:
+    """Cached features of the kept images, memory-mapped. store[i] / store[[i, j]] read those rows
+    (as tensors) from the page cache; pickling, for a spawned DataLoader worker, sends the path
+    and not the data."""
+
+    dtype = torch.float16
+
+    def __init__(self, path, rows):
+        self.path, self.rows = Path(path), np.asarray(rows, dtype=np.int64)
+        self._array = None
+
+    def array(self):
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return self._array
+
+    def __getstate__(self):
+        return {"path": self.path, "rows": self.rows}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], state["rows"])
+
+    def __len__(self):
+        return len(self.rows)
+
+    @property
+    def shape(self):
+        return (len(self.rows), *self.array().shape[1:])
+
+    def __getitem__(self, index):
+        return torch.from_numpy(np.ascontiguousarray(self.array()[self.rows[index]]))
+
+    def tensor(self):
+        """All of it in memory: for small caches and tests."""
+        return self[np.arange(len(self))]
+
+
+def distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier():
+    if distributed():
+        dist.barrier()
+
+
+def shared_temporary_name(path):
+    """One temporary name for all ranks (rank 0's pid), unique among runs sharing the cache."""
+    name = [f"{path}.{os.getpid()}.tmp"]
+    if distributed():
+        dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
+
+def build_cache(model, processor, records, device, path, rank, world, workers):
+    """Write the features of every record into `path` (.npy) and the decoding failures beside it;
+    each of the `world` ranks encodes its contiguous slice of the records."""
+    n = len(records)
+    shape = (n, model.n_patches(), model.vision.config.hidden_size)
+    tmp = shared_temporary_name(path)
+    if rank == 0:
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape).flush()
+    barrier()
+    first, last = rank * n // world, (rank + 1) * n // world
+    out = np.load(tmp, mmap_mode="r+")
+    bad = []
+    encode = lambda pixels: model.image_features(pixels.to(device))
+    paths = [r.image for r in records[first:last]]
+    for indices, features, problems in feature_batches(encode, processor, paths, workers=workers):
+        if features is not None:
+            assert features.shape[1:] == shape[1:], f"features of shape {tuple(features.shape)}, expected {shape}"
+            out[[first + i for i in indices]] = features.numpy()
+        bad += [(first + i, problem) for i, problem in problems]
+    out.flush()
+    del out
+    if world > 1:
+        print(f"feature cache: rank {rank} of {world} encoded images {first}..{last - 1} of {n}")
+    Path(f"{tmp}.rank{rank}.json").write_text(json.dumps(bad))
+    barrier()
+    if rank == 0:
+        failed = sorted(f for r in range(world) for f in json.loads(Path(f"{tmp}.rank{r}.json").read_text()))
+        for r in range(world):
+            Path(f"{tmp}.rank{r}.json").unlink()
         os.replace(tmp, path)
-    with safe_open(str(path), "pt") as cached:
-        data.stop_or_skip(json.loads(cached.metadata()["failed"]), strict)
-        return [records[i] for i in cached.get_tensor("kept").tolist()], cached.get_tensor("features")
+        meta = path.with_suffix(".json")
+        Path(f"{meta}.tmp").write_text(json.dumps({"images": n, "failed": failed}))
+        os.replace(f"{meta}.tmp", meta)  # last: its presence says the cache is complete
+    barrier()
+
+
+def cached_features(model, processor, vision_name, records, device, strict=True, rank=0, world=1, workers=0):
+    """(records, FeatureStore of their vision features) from the disk cache when the same
+    backbone, preprocessing and image files were seen before, else built first (by every rank
+    together under torchrun). Images that fail to fully decode raise a DataError listing them,
+    or (strict False) are left out: the records returned are the ones kept."""
+    key = cache_key(vision_name, model.vision, processor, records)
+    path = data.cache_root() / "features" / f"{key}-{VERSION}.npy"
+    meta = path.with_suffix(".json")
+    if not meta.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        build_cache(model, processor, records, device, path, rank, world, workers)
+    failed = json.loads(meta.read_text())["failed"]
+    data.stop_or_skip([problem for _, problem in failed], strict)
+    dropped = {i for i, _ in failed}
+    kept = [i for i in range(len(records)) if i not in dropped]
+    return [records[i] for i in kept], FeatureStore(path, kept)

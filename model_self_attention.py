@@ -19,8 +19,7 @@ class SelfAttentionCaptioner(Captioner):
     def __init__(self, vision, lm, train_layers=2, max_text_tokens=33):
         super().__init__(vision, lm, train_layers)
         H = lm.config.hidden_size
-        vc = vision.config
-        self.n_image_tokens = (vc.image_size // vc.patch_size) ** 2
+        self.n_image_tokens = self.n_patches()
         # sized to what can occur: every patch plus [BOS] + the longest caption
         self.max_text_tokens = max_text_tokens
         self.positions = nn.Embedding(self.n_image_tokens + max_text_tokens, H)

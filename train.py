@@ -13,6 +13,7 @@ Under torchrun the same loop runs data-parallel (DistributedDataParallel).
 
 import argparse
 import contextlib
+import datetime
 import itertools
 import json
 import math
@@ -92,7 +93,15 @@ def parse_args(variant, argv=None):
     p.add_argument("--train-layers", type=int, default=2, help="last Qwen decoder layers to train")
     p.add_argument("--heads", type=positive_int, default=8, help="cross-attention heads (explained variant)")
     p.add_argument("--max-caption-tokens", type=positive_int)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    p.add_argument(
+        "--data-seed",
+        type=int,
+        default=0,
+        help="the random image-level split where a dataset has none of its own (folder data without "
+        "splits.json, hf:, COCO's validation hold-out); separate from --seed, so that runs with "
+        "different seeds are scored on the same test set",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument(
         "--precision",
@@ -108,6 +117,13 @@ def parse_args(variant, argv=None):
     p.add_argument("--keep", type=positive_int, default=2, help="checkpoints to keep")
     p.add_argument(
         "--max-bad-steps", type=positive_int, default=5, help="stop after this many non-finite steps in a row"
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=positive_int,
+        default=60,
+        metavar="MINUTES",
+        help="torchrun: how long a rank waits for the others at a collective",
     )
     p.add_argument("--no-eval", action="store_true", help="skip the test evaluation after training")
     p.add_argument(
@@ -135,6 +151,7 @@ def run_config(variant, args):
         variant=variant,
         preset=args.preset,
         seed=args.seed,
+        data_seed=args.data_seed,
         device=device,
         precision=precision,
         train_layers=args.train_layers,
@@ -154,6 +171,11 @@ def run_config(variant, args):
     return cfg
 
 
+def workers(args, config):
+    """DataLoader workers: --workers, else 4 on CUDA (decoding JPEGs must keep up with the GPU), 0 on CPU."""
+    return args.workers if args.workers is not None else (4 if config["device"].startswith("cuda") else 0)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
@@ -164,17 +186,19 @@ def seed_everything(seed):
 # many processes (torchrun): rank 0 builds what is shared, every rank trains
 
 
-def init_distributed():
+def init_distributed(timeout_minutes):
     """(rank, world size, device) under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set), else (0, 1, None).
-    NCCL on CUDA, gloo on CPU."""
+    NCCL on CUDA, gloo on CPU. The timeout bounds how long a rank waits at a collective for
+    the others (NCCL's default is 10 minutes)."""
     if "RANK" not in os.environ:
         return 0, 1, None
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
+        dist.init_process_group("nccl", timeout=timeout)
         return dist.get_rank(), dist.get_world_size(), f"cuda:{local_rank}"
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), "cpu"
 
 
@@ -217,20 +241,21 @@ def start_or_resume(variant, args, is_main):
     return Path(args.out or f"runs/{variant}-{args.preset}"), config
 
 
-def load_data(config, model, processor, use_feature_cache, is_main):
+def load_data(config, model, processor, use_feature_cache, rank, world, workers):
     """(splits, {"train", "val"}: cached features or None). Every image a split uses is fully
     decoded once here, by the feature cache or by a check, before training starts."""
-    with main_rank_first(is_main):  # a Hugging Face dataset is written out to files once
+    with main_rank_first(rank == 0):  # a Hugging Face dataset is written out to files once
         splits = data.splits_for(config)
     print(f"data ({config['data']} at {config['data_dir']}): {data.describe_splits(splits)}")
+    if "test" in splits:  # recorded with the run: comparisons refuse runs scored on other test sets
+        config["test_set"] = data.split_id(splits["test"])
     cached = {"train": None, "val": None}
     strict = config["data_options"]["strict"]
     if use_feature_cache:
-        for s in cached:
-            with main_rank_first(is_main):  # the feature cache is built once; the others read it
-                splits[s], cached[s] = features.cached_features(
-                    model, processor, config["vision"], splits[s], config["device"], strict
-                )
+        for s in cached:  # every rank encodes its slice of the images; the cache is one file
+            splits[s], cached[s] = features.cached_features(
+                model, processor, config["vision"], splits[s], config["device"], strict, rank, world, workers
+            )
     for s in [s for s in splits if cached.get(s) is None]:
         good, bad = data.decode_check(splits[s])
         data.stop_or_skip(bad, strict)
@@ -405,7 +430,7 @@ class Training:
         self.splits, self.cached, self.processor, self.tokenizer = splits, cached, processor, tokenizer
         self.rank, self.world, self.is_main = rank, world, rank == 0
         device = config["device"]
-        self.workers = args.workers if args.workers is not None else (4 if device.startswith("cuda") else 0)
+        self.workers = workers(args, config)
         self.n_rows = sum(len(r.captions) for r in splits["train"])
         self.global_batch = config["batch_size"] * config["grad_accum"] * world
         self.steps_per_epoch = self.n_rows // self.global_batch
@@ -588,7 +613,7 @@ def main(variant, argv=None):
     args = parse_args(variant, argv)
     if not sys.stderr.isatty():  # a log wants lines, not progress-bar refreshes
         transformers.utils.logging.disable_progress_bar()
-    rank, world, rank_device = init_distributed()
+    rank, world, rank_device = init_distributed(args.dist_timeout)
     is_main = rank == 0
     try:  # a wrong run folder, missing data or a bad option value: one line, no traceback
         run_dir, config = start_or_resume(variant, args, is_main)
@@ -598,7 +623,9 @@ def main(variant, argv=None):
         model, processor, tokenizer = runs.build_model(config)
         model.to(config["device"])
         trainable, total = model.parameter_counts()
-        splits, cached = load_data(config, model, processor, not args.no_feature_cache, is_main)
+        splits, cached = load_data(
+            config, model, processor, not args.no_feature_cache, rank, world, workers(args, config)
+        )
         training = Training(model, config, run_dir, splits, cached, processor, tokenizer, args, rank, world)
         if args.resume:
             training.resume()

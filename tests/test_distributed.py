@@ -76,6 +76,11 @@ def test_torchrun_two_ranks_match_one_process_with_the_global_batch(runs):
     assert initial_gap > 0
     assert max_difference(single, ddp) < 1e-5
     assert "global batch 8 = 4 per rank x 1 accumulation steps x 2 rank(s)" in outputs["ddp"]
+    # the feature cache was extracted in two shards, one per rank, into one file per split
+    n_train = 64
+    assert f"rank 0 of 2 encoded images 0..{n_train // 2 - 1} of {n_train}" in outputs["ddp"], outputs["ddp"][-3000:]
+    assert f"rank 1 of 2 encoded images {n_train // 2}..{n_train - 1} of {n_train}" in outputs["ddp"]
+    assert "encoded images" not in outputs["single"], "one process encodes everything itself"
 
 
 def test_gradient_accumulation_matches_one_big_batch(runs):

@@ -132,7 +132,7 @@ def test_training_writes_a_complete_run_directory(trained, splits, duocap_cache,
     assert all(isinstance(p["caption"], str) for p in predictions)
 
     # the feature cache went where DUOCAP_CACHE says
-    assert list((duocap_cache / variant / "features").glob("*.safetensors"))
+    assert list((duocap_cache / variant / "features").glob("*.npy"))
 
 
 @pytest.mark.parametrize("variant", list(SCRIPTS))

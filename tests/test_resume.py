@@ -197,7 +197,7 @@ def test_sigterm_checkpoints_and_exits_then_resume_finishes(runs):
     try:
         model, _, _ = build_model(config)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
+        optimizer = torch.optim.AdamW(model.parameter_groups(config["weight_decay"]), lr=config["lr"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         scaler = torch.amp.GradScaler("cuda", enabled=False)
         progress = checkpoints.load(last, model, optimizer, scheduler, scaler)
