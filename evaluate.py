@@ -24,6 +24,7 @@ from pathlib import Path
 import data
 import decoding
 import shapes
+import skills
 from runs import load_run
 
 SPICE_NOTE = "SPICE is not computed: it downloads Stanford CoreNLP models at run time"
@@ -71,22 +72,38 @@ def caption_metrics(predictions):
 
 
 def shapes_figures(records, captions):
-    """Attribute / relation accuracy and exact match of captions against the scenes drawn."""
-    attr = rel = pairs = exact = 0
-    for r, c in zip(records, captions):
-        truth_objects, truth_relation = shapes.scene_truth(r.meta)
-        attr += shapes.parse_objects(c) == truth_objects
-        exact += c in r.captions
-        if truth_relation is not None:
-            pairs += 1
-            rel += shapes.parse_relation(c) == truth_relation
-    n = len(records)
-    return {"attribute_accuracy": attr / n, "relation_accuracy": rel / max(pairs, 1), "exact_match": exact / n}
+    """attribute_accuracy (the set of (colour, shape) named is the scene's), relation_accuracy
+    (pairs: both objects named and the relation right, in the order named) and exact match."""
+    columns = skills.per_image_skills(captions, [r.meta for r in records])
+    pairs = [d for d, r in zip(columns["direction"], records) if r.meta["relation"] is not None]
+    return {
+        "attribute_accuracy": sum(columns["objects"]) / len(records),
+        "relation_accuracy": sum(d or 0 for d in pairs) / max(len(pairs), 1),
+        "exact_match": sum(c in r.captions for r, c in zip(records, captions)) / len(records),
+    }
+
+
+def mirrored_captions(model, processor, tokenizer, records, batch_size, device, **decode_kwargs):
+    """The flip control: each pair drawn mirrored (left-right pairs horizontally, above-below
+    pairs vertically, so the true relation inverts) and captioned; None for single objects.
+    The mirrored scene is drawn afresh rather than the pixels flipped, so that a triangle
+    stays upright, as the generator draws every triangle."""
+    scenes = [skills.mirror(shapes.render_scene(r.meta), r.meta) for r in records]
+    pairs = [k for k, m in enumerate(scenes) if m is not None]
+    images = [shapes.render_scene(scenes[k][1]) for k in pairs]
+    captions = decoding.caption_images(
+        model, processor, tokenizer, images, batch_size, device, desc="flip control", **decode_kwargs
+    )
+    out = [None] * len(records)
+    for k, c in zip(pairs, captions):
+        out[k] = c
+    return out
 
 
 def evaluate_split(model, processor, tokenizer, records, device="cpu", batch_size=64, metrics=True, **decode_kwargs):
-    """(figures, predictions) for a split; shapes data also gets the blind control.
-    An image that fails to decode is reported and left out of the figures."""
+    """(figures, predictions) for a split. Shapes data also gets the skills one by one
+    (skills.py), the flip control and the blind control, and each prediction its per-image
+    skills (for paired comparisons). An image that fails to decode is reported and left out."""
     records, bad = data.decode_check(records)
     for message in bad:
         print(f"left out of the evaluation: {message}")
@@ -104,8 +121,15 @@ def evaluate_split(model, processor, tokenizer, records, device="cpu", batch_siz
     if metrics:
         figures.update(caption_metrics(predictions))
     if all(r.meta.get("objects") for r in records):
+        scenes = [r.meta for r in records]
+        mirrored = mirrored_captions(model, processor, tokenizer, records, batch_size, device, **decode_kwargs)
         figures.update(shapes_figures(records, captions))
-        # each image captioned from the next image's pixels, scored against its own scene
+        figures["skills"] = skills.skill_figures(captions, scenes, mirrored)
+        columns = skills.per_image_skills(captions, scenes, mirrored)
+        for k, p in enumerate(predictions):
+            p["mirrored_caption"] = mirrored[k]
+            p["skills"] = {f: columns[f][k] for f in (*skills.FIGURES, "category")}
+        # the blind control: each image captioned from the next image's pixels, scored against its own scene
         blind = decoding.caption_images(
             model,
             processor,
@@ -117,6 +141,7 @@ def evaluate_split(model, processor, tokenizer, records, device="cpu", batch_siz
             **decode_kwargs,
         )
         figures.update({f"blind_{k}": v for k, v in shapes_figures(records, blind).items()})
+        figures["blind_skills"] = skills.skill_figures(blind, scenes)
     return figures, predictions
 
 

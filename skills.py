@@ -18,20 +18,30 @@ Every per-image figure is True, False or None (None: the figure does not apply t
 
 category is "single", "pair_two_colours" or "pair_one_colour".
 """
+
 import copy
 import re
 from collections import Counter
 
 from PIL import ImageOps
 
-from data import COLOURS, RELATIONS, SHAPES, SIZES
+from shapes import COLOURS, RELATIONS, SHAPES, SIZES
 
-FIGURES = ("objects", "objects_with_size", "colour", "shape", "size",
-           "axis", "direction", "direction_given_axis", "flip_consistency")
+FIGURES = (
+    "objects",
+    "objects_with_size",
+    "colour",
+    "shape",
+    "size",
+    "axis",
+    "direction",
+    "direction_given_axis",
+    "flip_consistency",
+)
 CATEGORIES = ("single", "pair_two_colours", "pair_one_colour")
 HORIZONTAL = ("to the left of", "to the right of")
 
-_OBJECT = re.compile(r"\b(?:(%s)\s+)?(%s)\s+(%s)\b" % ("|".join(SIZES), "|".join(COLOURS), "|".join(SHAPES)))
+_OBJECT = re.compile(r"\b(?:({})\s+)?({})\s+({})\b".format("|".join(SIZES), "|".join(COLOURS), "|".join(SHAPES)))
 _RELATION = re.compile(r"\b(?:(?:to|on) the\s+)?(left|right)\s+of\b|\b(above|below)\b")
 
 
@@ -105,7 +115,10 @@ def image_skills(caption, scene, mirrored_caption=None):
         "size": Counter(o[0] for o in objects) == Counter(o[0] for o in truth),
         "colour": Counter(o[1] for o in objects) == Counter(o[1] for o in truth),
         "shape": Counter(o[2] for o in objects) == Counter(o[2] for o in truth),
-        "axis": None, "direction": None, "direction_given_axis": None, "flip_consistency": None,
+        "axis": None,
+        "direction": None,
+        "direction_given_axis": None,
+        "flip_consistency": None,
     }
     if scene["relation"] is not None and row["objects"] and len(objects) == 2:
         # (colour, shape) is unique within a scene, so it says which named object is objects[0]
@@ -122,8 +135,10 @@ def per_image_skills(captions, scenes, mirrored_captions=None):
     """Columns over the images, in order: {figure: [1, 0 or None per image] for each of FIGURES,
     "category": [str per image]}. mirrored_captions[i] (or None) is the caption of mirror(image i)."""
     if len(captions) != len(scenes) or (mirrored_captions is not None and len(mirrored_captions) != len(scenes)):
-        raise ValueError(f"{len(captions)} captions, {len(scenes)} scenes"
-                         + ("" if mirrored_captions is None else f", {len(mirrored_captions)} mirrored captions"))
+        raise ValueError(
+            f"{len(captions)} captions, {len(scenes)} scenes"
+            + ("" if mirrored_captions is None else f", {len(mirrored_captions)} mirrored captions")
+        )
     mirrored_captions = mirrored_captions or [None] * len(scenes)
     rows = [image_skills(c, s, m) for c, s, m in zip(captions, scenes, mirrored_captions)]
     columns = {f: [None if r[f] is None else int(r[f]) for r in rows] for f in FIGURES}

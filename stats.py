@@ -2,6 +2,7 @@
 How sure a comparison of two variants is: a t interval over seeds, a paired bootstrap over test
 images (and seeds), and the verdict in words. None and NaN entries mean "does not apply" throughout.
 """
+
 import numpy as np
 from scipy import stats as scipy_stats
 
@@ -54,8 +55,9 @@ def paired_difference(a, b, confidence=0.95, n_resamples=2000, seed=0):
     low/high are None when no image has both values."""
     a, b = np.atleast_2d(_floats(a)), np.atleast_2d(_floats(b))
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"a and b must be [n_images] or [n_seeds, n_images] on the same images: "
-                         f"shapes {a.shape} and {b.shape}")
+        raise ValueError(
+            f"a and b must be [n_images] or [n_seeds, n_images] on the same images: shapes {a.shape} and {b.shape}"
+        )
     diff = _paired_mean(a, b)
     if np.isnan(diff):
         return None, None, None

@@ -1,11 +1,12 @@
 """skills.py: captions scored against hand-made scenes, and the flip control on rendered scenes."""
+
 import random
 
 import numpy as np
 import pytest
 from PIL import ImageOps
 
-import data
+import shapes
 import skills
 
 
@@ -14,25 +15,37 @@ def obj(size, colour, shape, x=32, y=32):
 
 
 # truth: a small red circle to the left of a large blue square
-PAIR = {"objects": [obj("small", "red", "circle", 15, 30), obj("large", "blue", "square", 45, 32)],
-        "relation": "to the left of"}
+PAIR = {
+    "objects": [obj("small", "red", "circle", 15, 30), obj("large", "blue", "square", 45, 32)],
+    "relation": "to the left of",
+}
 # truth: a large green cross above a small green triangle (one colour, two shapes)
-SAME_COLOUR = {"objects": [obj("large", "green", "cross", 30, 15), obj("small", "green", "triangle", 32, 48)],
-               "relation": "above"}
+SAME_COLOUR = {
+    "objects": [obj("large", "green", "cross", 30, 15), obj("small", "green", "triangle", 32, 48)],
+    "relation": "above",
+}
 SINGLE = {"objects": [obj("large", "green", "cross")], "relation": None}
 
 
 def test_read_caption_objects_sizes_and_relation():
     assert skills.read_caption("a small red circle to the left of a large blue square") == (
-        [("small", "red", "circle"), ("large", "blue", "square")], "to the left of")
+        [("small", "red", "circle"), ("large", "blue", "square")],
+        "to the left of",
+    )
     assert skills.read_caption("there is a large green cross") == ([("large", "green", "cross")], None)
     assert skills.read_caption("a small red circle is above a small red square") == (
-        [("small", "red", "circle"), ("small", "red", "square")], "above")
+        [("small", "red", "circle"), ("small", "red", "square")],
+        "above",
+    )
     assert skills.read_caption("a single small blue triangle") == ([("small", "blue", "triangle")], None)
     assert skills.read_caption("a large blue square to the right of a small red circle") == (
-        [("large", "blue", "square"), ("small", "red", "circle")], "to the right of")
+        [("large", "blue", "square"), ("small", "red", "circle")],
+        "to the right of",
+    )
     assert skills.read_caption("a purple cross below an orange square") == (
-        [(None, "purple", "cross"), (None, "orange", "square")], "below")
+        [(None, "purple", "cross"), (None, "orange", "square")],
+        "below",
+    )
 
 
 def test_read_caption_is_robust():
@@ -41,7 +54,9 @@ def test_read_caption_is_robust():
     assert skills.read_caption(None) == ([], None)
     # case, spacing, and "left of" without "to the"
     assert skills.read_caption("A Small  RED circle left of a blue Square") == (
-        [("small", "red", "circle"), (None, "blue", "square")], "to the left of")
+        [("small", "red", "circle"), (None, "blue", "square")],
+        "to the left of",
+    )
     assert skills.read_caption("a red circle on the right of a blue square")[1] == "to the right of"
     three = skills.read_caption("a red circle to the left of a blue square and a green cross")
     assert three == ([(None, "red", "circle"), (None, "blue", "square"), (None, "green", "cross")], "to the left of")
@@ -56,27 +71,54 @@ def test_read_caption_is_robust():
 
 def score(caption, scene=PAIR, mirrored=None):
     row = skills.image_skills(caption, scene, mirrored)
-    return {k: row[k] for k in ("objects", "objects_with_size", "colour", "shape", "size",
-                                "axis", "direction", "direction_given_axis")}
+    return {
+        k: row[k]
+        for k in (
+            "objects",
+            "objects_with_size",
+            "colour",
+            "shape",
+            "size",
+            "axis",
+            "direction",
+            "direction_given_axis",
+        )
+    }
 
 
 def test_right_direction():
     assert score("a small red circle to the left of a large blue square") == dict(
-        objects=True, objects_with_size=True, colour=True, shape=True, size=True,
-        axis=True, direction=True, direction_given_axis=True)
+        objects=True,
+        objects_with_size=True,
+        colour=True,
+        shape=True,
+        size=True,
+        axis=True,
+        direction=True,
+        direction_given_axis=True,
+    )
 
 
 def test_swapped_order_with_inverse_relation_is_right():
     assert score("there is a large blue square to the right of a small red circle") == dict(
-        objects=True, objects_with_size=True, colour=True, shape=True, size=True,
-        axis=True, direction=True, direction_given_axis=True)
+        objects=True,
+        objects_with_size=True,
+        colour=True,
+        shape=True,
+        size=True,
+        axis=True,
+        direction=True,
+        direction_given_axis=True,
+    )
     # the same holds for the inverse in the truth's order
     assert score("a small red circle is to the left of a large blue square")["direction"] is True
 
 
 def test_wrong_direction_right_axis():
-    for caption in ("a large blue square to the left of a small red circle",
-                    "a small red circle to the right of a large blue square"):
+    for caption in (
+        "a large blue square to the left of a small red circle",
+        "a small red circle to the right of a large blue square",
+    ):
         s = score(caption)
         assert (s["objects"], s["axis"], s["direction"], s["direction_given_axis"]) == (True, True, False, False)
 
@@ -96,8 +138,16 @@ def test_one_object_missing():
     s = score("a small red circle to the left of a large green square")
     assert s["objects"] is False and s["axis"] is None and s["direction"] is None
     s = score("there is a small red circle")
-    assert s == dict(objects=False, objects_with_size=False, colour=False, shape=False, size=False,
-                     axis=None, direction=None, direction_given_axis=None)
+    assert s == dict(
+        objects=False,
+        objects_with_size=False,
+        colour=False,
+        shape=False,
+        size=False,
+        axis=None,
+        direction=None,
+        direction_given_axis=None,
+    )
 
 
 def test_three_objects_named_is_not_scored_for_direction():
@@ -140,21 +190,31 @@ def test_same_colour_pair_identified_by_colour_and_shape():
 
 def test_single_object_scene():
     s = score("there is a large green cross", SINGLE)
-    assert s == dict(objects=True, objects_with_size=True, colour=True, shape=True, size=True,
-                     axis=None, direction=None, direction_given_axis=None)
+    assert s == dict(
+        objects=True,
+        objects_with_size=True,
+        colour=True,
+        shape=True,
+        size=True,
+        axis=None,
+        direction=None,
+        direction_given_axis=None,
+    )
     assert score("a large green cross to the left of a large green cross", SINGLE)["colour"] is False
     assert score("a small green cross", SINGLE)["objects_with_size"] is False
 
 
 def test_per_image_columns_and_figures():
     scenes = [PAIR, PAIR, PAIR, PAIR, SAME_COLOUR, SINGLE, SINGLE]
-    captions = ["a small red circle to the left of a large blue square",   # all right
-                "a large blue square to the left of a small red circle",   # wrong direction, right axis
-                "a small red circle above a large blue square",            # wrong axis
-                "a small red circle",                                      # object missing
-                "a small green triangle below a large green cross",        # all right
-                "a large green cross",                                     # all right
-                "a small green cross"]                                     # size wrong
+    captions = [
+        "a small red circle to the left of a large blue square",  # all right
+        "a large blue square to the left of a small red circle",  # wrong direction, right axis
+        "a small red circle above a large blue square",  # wrong axis
+        "a small red circle",  # object missing
+        "a small green triangle below a large green cross",  # all right
+        "a large green cross",  # all right
+        "a small green cross",
+    ]  # size wrong
     columns = skills.per_image_skills(captions, scenes)
     assert set(columns) == set(skills.FIGURES) | {"category"}
     assert columns["category"] == ["pair_two_colours"] * 4 + ["pair_one_colour", "single", "single"]
@@ -200,24 +260,25 @@ def test_flip_consistent_cases():
     assert skills.flip_consistent(original, "a small red circle", PAIR) is None
     assert skills.flip_consistent("a red circle and a blue square", original, PAIR) is None
     assert skills.flip_consistent(original, "a small red circle to the right of", PAIR) is None
-    assert skills.flip_consistent(original, "a small red circle to the right of a large blue square",
-                                  SINGLE) is None
+    assert skills.flip_consistent(original, "a small red circle to the right of a large blue square", SINGLE) is None
     # the scene's own objects are not required: a consistently wrong pair still flips
     assert skills.flip_consistent("a red cross above a blue circle", "a blue circle above a red cross", PAIR) is True
 
     figures = skills.skill_figures(
-        [original, original, original, "there is a large green cross"], [PAIR, PAIR, PAIR, SINGLE],
-        mirrored_captions=[original.replace("left", "right"), original, "a red circle", "a large green cross"])
+        [original, original, original, "there is a large green cross"],
+        [PAIR, PAIR, PAIR, SINGLE],
+        mirrored_captions=[original.replace("left", "right"), original, "a red circle", "a large green cross"],
+    )
     assert figures["flip_consistency"] == {"accuracy": 0.5, "n": 2}
     assert figures["by_category"]["single"]["flip_consistency"] == {"accuracy": None, "n": 0}
 
 
 def rendered_scenes(n_pairs=24, seed=0):
     rng = random.Random(seed)
-    everything = [(c, s) for c in data.COLOURS for s in data.SHAPES]
+    everything = [(c, s) for c in shapes.COLOURS for s in shapes.SHAPES]
     pairs, singles = [], []
     while len(pairs) < n_pairs or not singles:
-        scene = data.sample_scene(rng, everything)
+        scene = shapes.sample_scene(rng, everything)
         (pairs if scene["relation"] else singles).append(scene)
     return pairs, singles
 
@@ -228,8 +289,12 @@ def pixels(image):
 
 def consistent_with_positions(scene):
     a, b = scene["objects"]
-    return {"to the left of": a["x"] < b["x"], "to the right of": a["x"] > b["x"],
-            "above": a["y"] < b["y"], "below": a["y"] > b["y"]}[scene["relation"]]
+    return {
+        "to the left of": a["x"] < b["x"],
+        "to the right of": a["x"] > b["x"],
+        "above": a["y"] < b["y"],
+        "below": a["y"] > b["y"],
+    }[scene["relation"]]
 
 
 def test_mirror_flips_the_true_relation_and_moves_the_pixels():
@@ -238,11 +303,11 @@ def test_mirror_flips_the_true_relation_and_moves_the_pixels():
     assert horizontal and len(horizontal) < len(pairs)  # both axes are exercised
     upside_down = 0
     for scene in pairs:
-        image = data.render_scene(scene)
+        image = shapes.render_scene(scene)
         before = {k: [dict(o) for o in scene["objects"]] if k == "objects" else v for k, v in scene.items()}
         mirrored_image, mirrored = skills.mirror(image, scene)
         assert scene == before  # the input scene is left alone
-        assert mirrored["relation"] == data.RELATIONS[scene["relation"]]
+        assert mirrored["relation"] == shapes.RELATIONS[scene["relation"]]
         assert consistent_with_positions(scene) and consistent_with_positions(mirrored)
         is_horizontal = scene["relation"] in skills.HORIZONTAL
         # the objects stay; only the coordinate along the relation's axis moves
@@ -250,10 +315,10 @@ def test_mirror_flips_the_true_relation_and_moves_the_pixels():
         same = ("colour", "shape", "size", kept)
         for o, m in zip(scene["objects"], mirrored["objects"]):
             assert {k: o[k] for k in same} == {k: m[k] for k in same}
-            assert m[moved] == pytest.approx(data.CANVAS - o[moved])
+            assert m[moved] == pytest.approx(shapes.CANVAS - o[moved])
         flip = ImageOps.mirror if is_horizontal else ImageOps.flip
         assert (pixels(mirrored_image) == pixels(flip(image))).all()
-        redrawn = pixels(data.render_scene(mirrored))
+        redrawn = pixels(shapes.render_scene(mirrored))
         different = (redrawn != pixels(mirrored_image)).any(-1)
         has_triangle = any(o["shape"] == "triangle" for o in scene["objects"])
         if is_horizontal or not has_triangle:
@@ -264,19 +329,19 @@ def test_mirror_flips_the_true_relation_and_moves_the_pixels():
             triangles = np.zeros_like(different)
             for o in mirrored["objects"]:
                 if o["shape"] == "triangle":
-                    r = data.SIZES[o["size"]]
+                    r = shapes.SIZES[o["size"]]
                     y0, x0 = int(o["y"] - r - 2), int(o["x"] - r - 2)
-                    triangles[max(y0, 0):y0 + 2 * r + 5, max(x0, 0):x0 + 2 * r + 5] = True
+                    triangles[max(y0, 0) : y0 + 2 * r + 5, max(x0, 0) : x0 + 2 * r + 5] = True
             assert different.any() and not (different & ~triangles).any()
     assert upside_down  # the exception is exercised
     for scene in singles:
-        assert skills.mirror(data.render_scene(scene), scene) is None
+        assert skills.mirror(shapes.render_scene(scene), scene) is None
 
 
 def test_mirror_of_a_mirror_is_the_original():
     pairs, _ = rendered_scenes(n_pairs=6, seed=1)
     for scene in pairs:
-        image = data.render_scene(scene)
+        image = shapes.render_scene(scene)
         back_image, back = skills.mirror(*skills.mirror(image, scene))
         assert (pixels(back_image) == pixels(image)).all()
         assert back["relation"] == scene["relation"]
@@ -288,8 +353,8 @@ def test_describe_of_a_mirrored_scene_is_flip_consistent():
     """Captions that are right on both images are flip consistent; the same caption twice is not."""
     pairs, _ = rendered_scenes(n_pairs=12, seed=2)
     for scene in pairs:
-        _, mirrored = skills.mirror(data.render_scene(scene), scene)
-        for original, flipped in zip(data.describe(scene), data.describe(mirrored)):
+        _, mirrored = skills.mirror(shapes.render_scene(scene), scene)
+        for original, flipped in zip(shapes.describe(scene), shapes.describe(mirrored)):
             assert skills.flip_consistent(original, flipped, scene) is True
             assert skills.flip_consistent(original, original, scene) is False
             assert skills.image_skills(flipped, mirrored)["direction"] is True

@@ -1,4 +1,5 @@
 """stats.py: t intervals over seeds, the paired bootstrap over images (and seeds), verdicts."""
+
 import math
 
 import numpy as np
@@ -54,7 +55,8 @@ def test_known_difference_is_covered_and_zero_is_excluded():
     diff, low, high = stats.paired_difference(b, a)
     assert diff == pytest.approx(-0.05) and low < -0.05 < high < 0
     assert stats.verdict(*stats.paired_difference(a, b), "explained", "self_attention").startswith(
-        "explained ahead by 0.050 (95% CI [0.0")
+        "explained ahead by 0.050 (95% CI [0.0"
+    )
 
 
 def test_no_difference():
@@ -107,8 +109,9 @@ def test_seeds_axis():
     # now a's seeds disagree widely (0.5 to 0.9) around b's 0.7: the seeds, not the 1000 images,
     # limit what is known, so the interval is wide; treating 4 x 1000 scores as 4000 images would
     # give about +-0.02
-    a = np.stack([flipped(base, 0.2, rng), flipped(base, 0.2, rng),
-                  flipped(base, 0.2, rng, to=1), flipped(base, 0.2, rng, to=1)])
+    a = np.stack(
+        [flipped(base, 0.2, rng), flipped(base, 0.2, rng), flipped(base, 0.2, rng, to=1), flipped(base, 0.2, rng, to=1)]
+    )
     b = np.stack([base] * 2)
     diff, low, high = stats.paired_difference(a, b)
     assert diff == pytest.approx(0.0)
