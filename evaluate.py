@@ -21,6 +21,12 @@ import re
 import shutil
 from pathlib import Path
 
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
 import data
 import decoding
 import shapes
@@ -41,11 +47,6 @@ def caption_metrics(predictions):
     """BLEU-1..4, METEOR, ROUGE_L, CIDEr of predictions ({"caption", "references"} each),
     computed by pycocoevalcap exactly as the COCO caption evaluation does. CIDEr's IDF
     comes from the evaluated set: it is only comparable on a whole split."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
-    from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     # one caption per line for the PTB tokenizer: no line breaks of any kind inside a caption
     one_line = lambda text: " ".join(text.split())
@@ -81,6 +82,28 @@ def shapes_figures(records, captions):
         "relation_accuracy": sum(d or 0 for d in pairs) / max(len(pairs), 1),
         "exact_match": sum(c in r.captions for r, c in zip(records, captions)) / len(records),
     }
+
+
+def quick_score(model, processor, tokenizer, records, device, **decode_kwargs):
+    """A cheap validation score for curves during training, from greedy captions of a few images:
+    on the shapes data the object and direction accuracies, elsewhere BLEU-4 (plain tokenizer,
+    no Java)."""
+    captions = decoding.caption_images(
+        model,
+        processor,
+        tokenizer,
+        [r.image for r in records],
+        len(records),
+        device,
+        desc="validation score",
+        **decode_kwargs,
+    )
+    if all(r.meta.get("objects") for r in records):
+        figures = skills.skill_figures(captions, [r.meta for r in records])
+        return {"objects": figures["objects"]["accuracy"], "direction": figures["direction"]["accuracy"]}
+    gts = plain_tokenize({i: [{"caption": c} for c in r.captions] for i, r in enumerate(records)})
+    res = plain_tokenize({i: [{"caption": c}] for i, c in enumerate(captions)})
+    return {"bleu4": Bleu(4).compute_score(gts, res, verbose=0)[0][3]}
 
 
 def mirrored_captions(model, processor, tokenizer, records, batch_size, device, **decode_kwargs):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import transformers
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -37,7 +38,7 @@ import demo
 import features
 import runs
 from decoding import positive_float, positive_int
-from evaluate import evaluate_run
+from evaluate import evaluate_run, quick_score
 
 # -----------------------------------------------------------------------------
 # presets and the command line
@@ -125,6 +126,8 @@ def parse_args(variant, argv=None):
         metavar="MINUTES",
         help="torchrun: how long a rank waits for the others at a collective",
     )
+    p.add_argument("--score-every", type=positive_int, help="steps between validation scores (default: 4 an epoch)")
+    p.add_argument("--score-images", type=positive_int, default=64, help="val images the validation score captions")
     p.add_argument("--no-eval", action="store_true", help="skip the test evaluation after training")
     p.add_argument(
         "--wandb",
@@ -450,6 +453,8 @@ class Training:
             "epoch": 0,
             "position": 0,
             "time_s": 0.0,
+            "score_time_s": 0.0,
+            "flops": 0,
             "skipped_steps": 0,
             "global_batch": self.global_batch,
         }
@@ -461,6 +466,9 @@ class Training:
             )
         )
         self.loss, self.val_loss, self.bad_in_a_row = torch.tensor(float("nan")), float("nan"), 0
+        self.flops_by_shape = {}  # training FLOPs of one step, counted once per batch shape
+        self.score_every = args.score_every or max(self.steps_per_epoch // 4, 1)
+        self.score_records = splits["val"][: args.score_images]
 
     def loader(self, split, order=None):
         return data.make_loader(
@@ -501,12 +509,19 @@ class Training:
         barrier()
 
     def step(self, micro_batches, log, t_start):
-        """One optimizer step; a non-finite one is skipped, and too many in a row stop the run."""
-        self.loss, grad_norm, ok = train_step(
-            self.trainer, micro_batches, self.optimizer, self.scheduler, self.scaler, self.params, self.config
-        )
+        """One optimizer step; a non-finite one is skipped, and too many in a row stop the run. Its
+        FLOPs are counted by torch's FlopCounterMode the first time a batch shape comes up."""
+        shape = tuple(tuple(b["input_ids"].shape) for b in micro_batches)
+        counting = FlopCounterMode(display=False) if shape not in self.flops_by_shape else contextlib.nullcontext()
+        with counting:
+            self.loss, grad_norm, ok = train_step(
+                self.trainer, micro_batches, self.optimizer, self.scheduler, self.scaler, self.params, self.config
+            )
+        if shape not in self.flops_by_shape:  # every rank does the same work on its own rows
+            self.flops_by_shape[shape] = counting.get_total_flops() * self.world
         p = self.progress
         p.update(step=p["step"] + 1, position=p["position"] + 1, time_s=time.time() - t_start)
+        p["flops"] += self.flops_by_shape[shape]
         self.bad_in_a_row = 0 if ok else self.bad_in_a_row + 1
         if not ok:
             p["skipped_steps"] += 1
@@ -561,6 +576,8 @@ class Training:
                     }
                 )
                 t_last, seen = time.time(), 0
+            if self.is_main and (step % self.score_every == 0 or step == self.total_steps):
+                self.score(log, t_start)
             stopping = stop.requested()
             if stopping or (self.args.save_every and step % self.args.save_every == 0):
                 self.save_state()
@@ -586,6 +603,32 @@ class Training:
             runs.save_run(self.model, config, self.run_dir)
         self.save_state()
 
+    def score(self, log, t_start):
+        """The cheap validation score (greedy captions of a fixed val subset), logged with the
+        training FLOPs and time so far, so that variants can be compared at equal compute."""
+        t0 = time.time()
+        self.model.eval()
+        figures = quick_score(
+            self.model,
+            self.processor,
+            self.tokenizer,
+            self.score_records,
+            self.config["device"],
+            max_new_tokens=self.config["max_caption_tokens"] + 1,
+        )
+        self.model.train()
+        p = self.progress
+        p["score_time_s"] += time.time() - t0
+        log.write(
+            {
+                "step": p["step"],
+                "flops": p["flops"],
+                "train_time_s": p["time_s"] - p["score_time_s"],
+                "time_s": time.time() - t_start,
+                **{f"val_{k}": v for k, v in figures.items()},
+            }
+        )
+
     def done(self):
         return self.progress["step"] >= self.total_steps or self.progress["epoch"] >= self.config["epochs"]
 
@@ -598,6 +641,7 @@ class Training:
             "steps": step,
             "skipped_steps": self.progress["skipped_steps"],
             "train_time_s": train_time,
+            "train_flops": self.progress["flops"],
             "s_per_step": train_time / max(step, 1),
             "train_samples_per_s": step * self.global_batch / train_time,
             "final_train_loss": self.loss.item(),
