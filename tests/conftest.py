@@ -32,7 +32,7 @@ import data  # noqa: E402
 import demo  # noqa: E402
 import shapes  # noqa: E402
 from compare import read_jsonl  # noqa: E402
-from runs import build_model  # noqa: E402
+from runs import build_model, save_run  # noqa: E402
 
 VARIANTS = ["explained", "self_attention"]
 MAX_CAPTION_TOKENS = 32
@@ -249,16 +249,27 @@ def truncated_dataset(tmp_path):
     return tmp_path, good
 
 
+@pytest.fixture(scope="session")
+def runs_without_data(make_model, tmp_path_factory):
+    """{variant: run folder} of saved tiny runs whose config names a data folder that does not exist."""
+    runs = {}
+    for variant in VARIANTS:
+        model, _, _, config = make_model(variant)
+        runs[variant] = tmp_path_factory.mktemp(f"no-data-{variant}")
+        save_run(model, {**config, "data_dir": "/no/such/dir"}, runs[variant])
+    return runs
+
+
 # -----------------------------------------------------------------------------
 # training / captioning scripts in fresh processes
 
 TRAIN_SCRIPTS = {"explained": "08_train_explained.py", "self_attention": "10_train_self_attention.py"}
 
 
-def script_env(cache, hide_java=False):
+def script_env(cache, hide_java=False, **extra):
     """One thread per process, the given feature cache, never the network; hide_java drops every
     PATH entry holding a `java`, so the caption metrics use their plain fallback (seconds instead of
-    JVM start-ups)."""
+    JVM start-ups); extra: more variables."""
     env = dict(
         os.environ,
         DUOCAP_CACHE=str(cache),
@@ -267,6 +278,7 @@ def script_env(cache, hide_java=False):
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
         HF_HUB_OFFLINE="1",
+        **extra,
     )
     if hide_java:
         env["PATH"] = os.pathsep.join(
@@ -279,7 +291,7 @@ class Script:
     """A repository script running in the background. Output goes to temporary files, not
     pipes, so a process that is polled (and never read) cannot block on a full pipe."""
 
-    def __init__(self, args, cache, hide_java=False):
+    def __init__(self, args, cache, hide_java=False, env=None):
         import subprocess
         import tempfile
 
@@ -288,7 +300,7 @@ class Script:
         self.proc = subprocess.Popen(
             [sys.executable, *self.args],
             cwd=REPO,
-            env=script_env(cache, hide_java),
+            env=script_env(cache, hide_java, **(env or {})),
             stdout=self.stdout,
             stderr=self.stderr,
         )
@@ -343,6 +355,31 @@ class Script:
 def wait_all(scripts):
     """{name: (exit status, stdout, stderr)} of {name: Script}, once every one has exited."""
     return {name: script.wait() for name, script in scripts.items()}
+
+
+def start_refusals(script, cases, cache, env=None, **paths):
+    """Every case of an entry point's refusal table at once (each process spends seconds importing
+    torch and transformers before it refuses): {case: (Script, what the message must name, usage)}.
+    cases: {case: (arguments, named, usage)}, with {name} in an argument or in `named` standing
+    for paths[name]; usage: an argparse usage error rather than the script's own one-line error."""
+    return {
+        case: (Script([script, *(a.format(**paths) for a in args)], cache, env=env), named.format(**paths), usage)
+        for case, (args, named, usage) in cases.items()
+    }
+
+
+def assert_refused(script, named, usage):
+    """A clean refusal: a non-zero exit and no traceback; an argparse usage error names the option on
+    its error line, and the script's own error is one line, "error: ...", naming the path or option."""
+    rc, stdout, stderr = script.wait()
+    assert rc != 0, f"{script.args} exited 0:\n{stdout[-2000:]}"
+    assert "Traceback" not in stderr, stderr[-3000:]
+    if usage:
+        assert rc == 2 and stderr.startswith("usage:"), stderr
+        assert f"error: argument {named}" in stderr.splitlines()[-1], stderr
+    else:
+        assert stderr.startswith("error:") and len(stderr.splitlines()) == 1, stderr
+        assert named in stderr, f"{named} not named in: {stderr}"
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""bench.py: its measurements run on the tiny models, and its mid-size images are photo-sized JPEGs."""
+"""bench.py: its measurements run on the tiny models, its mid-size images are photo-sized JPEGs, and
+the script refuses a bad value or a backbone it cannot load in one line."""
 
 import pytest
 from PIL import Image
@@ -6,7 +7,7 @@ from PIL import Image
 import bench
 import data
 import shapes
-from conftest import VARIANTS, perturb
+from conftest import VARIANTS, assert_refused, perturb, start_refusals
 from features import compute_features
 
 
@@ -51,3 +52,24 @@ def test_bench_mid_images_are_photo_sized_jpegs_with_their_captions(tmp_path):
     again = bench.mid_records(tmp_path, 3)
     assert [r.captions for r in again] == [r.captions for r in records]
     assert [r.image.stat().st_mtime_ns for r in again] == stamps
+
+
+# -----------------------------------------------------------------------------
+# a backbone it cannot load or a bad value: one line, no traceback
+
+REFUSALS = {
+    # the real size's hub ids, with the network off and an empty hub cache
+    "hub backbones out of reach": (["--size", "flickr8k"], "openai/clip-vit-base-patch32", False),
+    "batch of 0": (["--batch-size", "0"], "--batch-size", True),
+}
+
+
+@pytest.fixture(scope="module")
+def bench_refusals(duocap_cache, tmp_path_factory):
+    hub = {"HF_HOME": str(tmp_path_factory.mktemp("empty-hub-cache"))}
+    return start_refusals("bench.py", REFUSALS, duocap_cache, env=hub)
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_bench_refuses_a_backbone_it_cannot_load_or_a_bad_value_in_one_line(bench_refusals, case):
+    assert_refused(*bench_refusals[case])

@@ -1,6 +1,6 @@
 """Evaluation: caption_metrics is pycocoevalcap's COCO evaluation, with and without Java; the shapes
 figures count what the captions get right; evaluate_run writes figures that the saved predictions
-reproduce.
+reproduce; and evaluate.py refuses a bad run folder, missing data or a bad value in one line.
 
 Each METEOR scorer starts a JVM (several seconds), so the tests share one where they can."""
 
@@ -21,7 +21,7 @@ import data
 import evaluate
 import shapes
 import train
-from conftest import loader_for, pixels_for, training_parts
+from conftest import assert_refused, loader_for, pixels_for, start_refusals, training_parts
 from data import Record
 from decoding import decode
 from evaluate import shapes_figures
@@ -328,3 +328,25 @@ def test_evaluate_run_writes_figures_that_its_predictions_reproduce(trained_mode
         # captions that differ between images and share words with the references: the check above can fail
         assert len({p["caption"] for p in predictions}) >= 2
         assert nested["BLEU-1"] > 0 and nested["METEOR"] > 0 and nested["CIDEr"] > 0
+
+
+# -----------------------------------------------------------------------------
+# a bad run folder, missing data or a bad value: one line, no traceback
+
+REFUSALS = {
+    "missing run folder": (["--checkpoint", "/no/such/run"], "/no/such/run", False),
+    "folder that is not a run": (["--checkpoint", "{empty}"], "{empty}", False),
+    "missing data folder": (["--checkpoint", "{no_data}"], "/no/such/dir", False),
+    "no beams": (["--checkpoint", "/no/such/run", "--beams", "0"], "--beams", True),
+}
+
+
+@pytest.fixture(scope="module")
+def evaluate_refusals(runs_without_data, duocap_cache, tmp_path_factory):
+    empty = tmp_path_factory.mktemp("not-a-run")
+    return start_refusals("evaluate.py", REFUSALS, duocap_cache, empty=empty, no_data=runs_without_data["explained"])
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_evaluate_refuses_a_bad_run_folder_missing_data_or_a_bad_value_in_one_line(evaluate_refusals, case):
+    assert_refused(*evaluate_refusals[case])

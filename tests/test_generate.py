@@ -1,6 +1,6 @@
 """generate.py: it captions with the run's own decoding (the captions of the run's evaluation, beam
 search's with --strategy beam), from a run on any data source; it reports each bad input and
-captions the rest."""
+captions the rest; and it refuses a bad run folder or a bad value in one line."""
 
 import json
 
@@ -9,7 +9,7 @@ from corpora import SOURCE_NAMES
 
 import generate
 from compare import read_jsonl
-from conftest import VARIANTS, Script, perturb, pixels_for, wait_all
+from conftest import VARIANTS, Script, assert_refused, perturb, pixels_for, start_refusals, wait_all
 from decoding import decode
 from runs import load_run, save_run
 
@@ -108,3 +108,25 @@ def test_generate_captions_an_image_of_each_source(source_runs, name, capsys):
         for line in (run / "predictions_test.jsonl").read_text().splitlines()
     }
     assert lines[0] == f"{image}\t{predictions[image]}", "greedy captions match the run's evaluation"
+
+
+# -----------------------------------------------------------------------------
+# a bad run folder or a bad value: one line, no traceback
+
+
+REFUSALS = {
+    "missing run folder": (["--checkpoint", "/no/such/run", "img.png"], "/no/such/run", False),
+    "folder that is not a run": (["--checkpoint", "{empty}", "img.png"], "{empty}", False),
+    "top-p above 1": (["--checkpoint", "/no/such/run", "--top-p", "2", "img.png"], "--top-p", True),
+    "temperature 0": (["--checkpoint", "/no/such/run", "--temperature", "0", "img.png"], "--temperature", True),
+}
+
+
+@pytest.fixture(scope="module")
+def generate_refusals(duocap_cache, tmp_path_factory):
+    return start_refusals("generate.py", REFUSALS, duocap_cache, empty=tmp_path_factory.mktemp("not-a-run"))
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_generate_refuses_a_bad_run_folder_or_a_bad_value_in_one_line(generate_refusals, case):
+    assert_refused(*generate_refusals[case])

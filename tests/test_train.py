@@ -2,7 +2,7 @@
 a non-finite loss changes nothing; data-parallel training under torchrun (gloo on CPU) and gradient
 accumulation update the weights exactly as one process with the same global batch; interrupted
 training (SIGKILL mid-epoch, SIGTERM, a torchrun job killed) resumes to the uninterrupted weights;
-and bad data is listed or left out."""
+bad data is listed or left out; and a bad run folder, missing data or a bad value is refused in one line."""
 
 import json
 import math
@@ -35,9 +35,11 @@ from conftest import (
     TRAIN_SCRIPTS,
     VARIANTS,
     Script,
+    assert_refused,
     batch_for,
     kept_rng,
     metrics_rows,
+    start_refusals,
     training_parts,
     wait_all,
 )
@@ -534,3 +536,45 @@ def test_skip_bad_run_with_a_truncated_test_image_evaluates_without_a_traceback(
     assert rc == 0, output[-3000:]
     assert "cut.jpg" in output, "the truncated test image is reported"
     assert (runs_root / "evaluated" / "eval_test.json").is_file()
+
+
+# -----------------------------------------------------------------------------
+# a bad run folder, missing data or a bad value: one line, no traceback
+
+
+REFUSALS = {
+    "missing run folder": (["--resume", "/no/such/run"], "/no/such/run", False),
+    "folder that is not a run": (["--resume", "{empty}"], "{empty}", False),
+    "missing data folder": (
+        ["--vision", "{vision}", "--language", "{language}", "--data", "folder", "--data-dir", "/no/such/dir"]
+        + ["--out", "{out}"],
+        "/no/such/dir",
+        False,
+    ),
+}
+BAD_VALUES = {"explained": (["--batch-size", "0"], "--batch-size"), "self_attention": (["--lr", "-1"], "--lr")}
+
+
+@pytest.fixture(scope="module")
+def training_refusals(vision_dir, language_dir, duocap_cache, tmp_path_factory):
+    """Both training scripts, each case in a fresh process, all started at once."""
+    started = {}
+    for variant, script in TRAIN_SCRIPTS.items():
+        args, option = BAD_VALUES[variant]
+        cases = {**REFUSALS, "bad option value": (args + ["--out", "{out}"], option, True)}
+        paths = dict(
+            empty=tmp_path_factory.mktemp("not-a-run"),
+            vision=vision_dir,
+            language=language_dir,
+            out=tmp_path_factory.mktemp("refused") / "run",
+        )
+        started[variant] = start_refusals(script, cases, duocap_cache, **paths)
+    return started
+
+
+@pytest.mark.parametrize("case", [*REFUSALS, "bad option value"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_training_scripts_refuse_a_bad_run_folder_missing_data_or_a_bad_value_in_one_line(
+    training_refusals, variant, case
+):
+    assert_refused(*training_refusals[variant][case])
