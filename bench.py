@@ -90,14 +90,14 @@ def mid_records(root, n):
 
 def load_backbones(size, random_init):
     """(vision, processor, lm, tokenizer) for a benchmark size."""
+    if size == "flickr8k" and not random_init:  # the hub backbones, before minutes of building the demo's
+        vision, processor = backbones.load_vision("openai/clip-vit-base-patch32")
+        lm, tokenizer = backbones.load_language("Qwen/Qwen3-0.6B-Base")
+        return vision, processor, lm, tokenizer
     vision_dir, language_dir = demo.demo_backbones(data.cache_root(), demo.demo_shapes(data.cache_root()))
     lm, tokenizer = backbones.load_language(language_dir)
     vision, processor = backbones.load_vision(vision_dir)
     if size == "flickr8k":
-        if not random_init:
-            vision, processor = backbones.load_vision("openai/clip-vit-base-patch32")
-            lm, tokenizer = backbones.load_language("Qwen/Qwen3-0.6B-Base")
-            return vision, processor, lm, tokenizer
         vision = CLIPVisionModel(CLIPVisionConfig(**FLICKR8K_VISION)).eval().requires_grad_(False)
         processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
         lm = Qwen3ForCausalLM(Qwen3Config(**FLICKR8K_LANGUAGE, eos_token_id=tokenizer.eos_token_id))
@@ -220,8 +220,9 @@ def main(argv=None):
     torch.manual_seed(0)
     try:
         vision, processor, lm, tokenizer = load_backbones(args.size, args.random_init)
-    except OSError as e:  # a hub id without the network
-        raise SystemExit(f"error: {e} (--random-init measures the same shapes without downloading)") from None
+    except OSError as e:  # a hub id without the network: one line, though transformers' message has several
+        message = " ".join(str(e).split())
+        raise SystemExit(f"error: {message} (--random-init measures the same shapes without downloading)") from None
     if args.size == "demo":
         records = data.load_splits("shapes", demo.demo_shapes(data.cache_root()))["train"][:256]
     else:

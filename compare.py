@@ -22,10 +22,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
+import transformers
 
 import data
 import train
-from decoding import decode
+from decoding import decode, positive_int
 from evaluate import evaluate_run
 from runs import LABELS as NAMES
 from runs import RunError, load_run, read_config
@@ -224,9 +225,11 @@ def main(argv=None):
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--split", default="test")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, help="training budget for both (default: the preset's)")
-    p.add_argument("--max-steps", type=int)
+    p.add_argument("--epochs", type=positive_int, help="training budget for both (default: the preset's)")
+    p.add_argument("--max-steps", type=positive_int)
     args = p.parse_args(argv)
+    if not sys.stderr.isatty():  # a log wants lines, not progress-bar refreshes: an error stays one line
+        transformers.utils.logging.disable_progress_bar()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python compare.py", *(argv if argv is not None else sys.argv[1:])])

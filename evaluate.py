@@ -19,8 +19,10 @@ import argparse
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
+import transformers
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
@@ -194,6 +196,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="where to write the JSON (default RUN_DIR/eval_<split>.json)")
     args = p.parse_args(argv)
+    if not sys.stderr.isatty():  # a log wants lines, not progress-bar refreshes: an error stays one line
+        transformers.utils.logging.disable_progress_bar()
     try:
         model, processor, tokenizer, config = load_run(args.checkpoint)
         splits = data.splits_for(config, strict=False)

@@ -5,10 +5,16 @@ build either captioner variant from a run config. Nothing is downloaded and
 nothing is pretrained: every backbone is random and a few kilobytes.
 """
 
+import contextlib
 import os
+import random
+import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,11 +24,15 @@ torch.set_num_threads(1)
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import corpora  # noqa: E402
+
 import backbones  # noqa: E402
+import checkpoints  # noqa: E402
 import data  # noqa: E402
 import demo  # noqa: E402
 import shapes  # noqa: E402
-from runs import build_model  # noqa: E402
+from compare import read_jsonl  # noqa: E402
+from runs import build_model, save_run  # noqa: E402
 
 VARIANTS = ["explained", "self_attention"]
 MAX_CAPTION_TOKENS = 32
@@ -116,7 +126,22 @@ def tokenizer(language_dir):
 
 
 @pytest.fixture(scope="session")
-def make_config(vision_dir, language_dir, shapes_dir):
+def tiny_args(vision_dir, language_dir, shapes_dir):
+    """The command-line options of a run on the tiny backbones and the tiny shapes data."""
+    return [
+        "--vision",
+        str(vision_dir),
+        "--language",
+        str(language_dir),
+        "--data",
+        "shapes",
+        "--data-dir",
+        str(shapes_dir),
+    ]
+
+
+@pytest.fixture(scope="session")
+def make_config(tiny_args):
     """A run config as train.run_config produces it from the command line."""
 
     def make(variant, train_layers=2, max_caption_tokens=MAX_CAPTION_TOKENS, **overrides):
@@ -125,14 +150,7 @@ def make_config(vision_dir, language_dir, shapes_dir):
         args = train.parse_args(
             variant,
             [
-                "--vision",
-                str(vision_dir),
-                "--language",
-                str(language_dir),
-                "--data",
-                "shapes",
-                "--data-dir",
-                str(shapes_dir),
+                *tiny_args,
                 "--train-layers",
                 str(train_layers),
                 "--heads",
@@ -189,15 +207,70 @@ def batch_for(processor, tokenizer, records, max_tokens=MAX_CAPTION_TOKENS):
     }
 
 
+def loader_for(records, features, processor, tokenizer, config, order):
+    """data.make_loader with a run config's batch size and caption length."""
+    return data.make_loader(
+        records,
+        features,
+        processor,
+        tokenizer,
+        batch_size=config["batch_size"],
+        max_tokens=config["max_caption_tokens"],
+        order=order,
+    )
+
+
+def training_parts(model, optimizer=torch.optim.AdamW, weight_decay=None, **options):
+    """(trainable parameters, optimizer, constant-rate scheduler, disabled grad scaler): what
+    train.train_step takes besides the model, the batches and the config. With weight_decay,
+    the parameter groups are train.py's (decay on matrices only)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    made = optimizer(params if weight_decay is None else model.parameter_groups(weight_decay), **options)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(made, lambda step: 1.0)
+    return params, made, scheduler, torch.amp.GradScaler("cuda", enabled=False)
+
+
+@contextlib.contextmanager
+def kept_rng():
+    """This process's torch, Python and NumPy RNG states as they were before the block
+    (train.main seeds them, checkpoints.load restores a run's)."""
+    state = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state[0])
+        random.setstate(state[1])
+        np.random.set_state(state[2])
+
+
+@pytest.fixture
+def truncated_dataset(tmp_path):
+    """A folder dataset whose cut.png and cut.jpg are cut in half: the header reads, the body does not."""
+    good, _ = corpora.write_jsonl_dataset(tmp_path, [], truncated_images=["cut.png", "cut.jpg"])
+    return tmp_path, good
+
+
+@pytest.fixture(scope="session")
+def runs_without_data(make_model, tmp_path_factory):
+    """{variant: run folder} of saved tiny runs whose config names a data folder that does not exist."""
+    runs = {}
+    for variant in VARIANTS:
+        model, _, _, config = make_model(variant)
+        runs[variant] = tmp_path_factory.mktemp(f"no-data-{variant}")
+        save_run(model, {**config, "data_dir": "/no/such/dir"}, runs[variant])
+    return runs
+
+
 # -----------------------------------------------------------------------------
-# training / captioning scripts in fresh processes (test_bad_data, test_resume, test_sources)
+# training / captioning scripts in fresh processes
 
 TRAIN_SCRIPTS = {"explained": "08_train_explained.py", "self_attention": "10_train_self_attention.py"}
 
 
-def script_env(cache, hide_java=False):
-    """One thread per process, the given feature cache; hide_java drops every PATH entry holding a
-    `java`, so the caption metrics use their plain fallback (seconds instead of JVM start-ups)."""
+def script_env(cache, hide_java=False, **extra):
+    """One thread per process, the given feature cache, never the network; hide_java drops every
+    PATH entry holding a `java`, so the caption metrics use their plain fallback (seconds instead of
+    JVM start-ups); extra: more variables."""
     env = dict(
         os.environ,
         DUOCAP_CACHE=str(cache),
@@ -205,6 +278,8 @@ def script_env(cache, hide_java=False):
         TOKENIZERS_PARALLELISM="false",
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        **extra,
     )
     if hide_java:
         env["PATH"] = os.pathsep.join(
@@ -217,7 +292,7 @@ class Script:
     """A repository script running in the background. Output goes to temporary files, not
     pipes, so a process that is polled (and never read) cannot block on a full pipe."""
 
-    def __init__(self, args, cache, hide_java=False):
+    def __init__(self, args, cache, hide_java=False, env=None):
         import subprocess
         import tempfile
 
@@ -226,7 +301,7 @@ class Script:
         self.proc = subprocess.Popen(
             [sys.executable, *self.args],
             cwd=REPO,
-            env=script_env(cache, hide_java),
+            env=script_env(cache, hide_java, **(env or {})),
             stdout=self.stdout,
             stderr=self.stderr,
         )
@@ -278,43 +353,154 @@ class Script:
         return stdout + stderr
 
 
-class StartedRun:
-    """A training run started in the background by a session fixture; `path()` waits for it."""
+def wait_all(scripts):
+    """{name: (exit status, stdout, stderr)} of {name: Script}, once every one has exited."""
+    return {name: script.wait() for name, script in scripts.items()}
 
-    def __init__(self, script, out):
-        self.script, self.out = script, out
 
-    def path(self):
-        self.script.ok()
-        return self.out
+def start_refusals(script, cases, cache, env=None, **paths):
+    """Every case of an entry point's refusal table at once (each process spends seconds importing
+    torch and transformers before it refuses): {case: (Script, what the message must name, usage)}.
+    cases: {case: (arguments, named, usage)}, with {name} in an argument or in `named` standing
+    for paths[name]; usage: an argparse usage error rather than the script's own one-line error."""
+    return {
+        case: (Script([script, *(a.format(**paths) for a in args)], cache, env=env), named.format(**paths), usage)
+        for case, (args, named, usage) in cases.items()
+    }
+
+
+def assert_refused(script, named, usage):
+    """A clean refusal: a non-zero exit and no traceback; an argparse usage error names the option on
+    its error line, and the script's own error is one line, "error: ...", naming the path or option."""
+    rc, stdout, stderr = script.wait()
+    assert rc != 0, f"{script.args} exited 0:\n{stdout[-2000:]}"
+    assert "Traceback" not in stderr, stderr[-3000:]
+    if usage:
+        assert rc == 2 and stderr.startswith("usage:"), stderr
+        assert f"error: argument {named}" in stderr.splitlines()[-1], stderr
+    else:
+        assert stderr.startswith("error:") and len(stderr.splitlines()) == 1, stderr
+        assert named in stderr, f"{named} not named in: {stderr}"
+
+
+# -----------------------------------------------------------------------------
+# runs shared by several test files, each started in the background and waited for together
 
 
 @pytest.fixture(scope="session")
-def explained_run(vision_dir, language_dir, shapes_dir, duocap_cache, tmp_path_factory):
-    """A 2-step explained run on the tiny shapes data (no evaluation), started at once; .path() waits."""
-    out = tmp_path_factory.mktemp("explained-run") / "run"
-    script = Script(
-        [
-            TRAIN_SCRIPTS["explained"],
-            "--vision",
-            vision_dir,
-            "--language",
-            language_dir,
-            "--data",
-            "shapes",
-            "--data-dir",
-            shapes_dir,
-            "--max-steps",
-            2,
-            "--batch-size",
-            4,
-            "--no-eval",
-            "--out",
+def trained_runs(tiny_args, duocap_cache, tmp_path_factory):
+    """{variant: (run dir, stdout)}: both numbered scripts train 3 steps on the shapes data and
+    evaluate, side by side, in fresh processes."""
+    started = {}
+    for variant, script in TRAIN_SCRIPTS.items():
+        out = tmp_path_factory.mktemp(f"e2e-{variant}") / "run"
+        # a feature cache each: two runs computing the same cache file at the same moment would race
+        # on its one temporary name (features.cached_features writes <hash>.safetensors.tmp)
+        started[variant] = (
             out,
-        ],
+            Script([script, *tiny_args, "--max-steps", 3, "--batch-size", 8, "--out", out], duocap_cache / variant),
+        )
+    return {variant: (out, script.ok()) for variant, (out, script) in started.items()}
+
+
+@pytest.fixture(scope="session")
+def sources(tmp_path_factory):
+    """{source: (where, what was written)}: a tiny dataset of each source in its own layout."""
+    root = tmp_path_factory.mktemp("sources")
+    coco_train, coco_val = corpora.write_coco(root / "coco")
+    return {
+        "flickr8k": (root / "flickr8k", corpora.write_flickr8k(root / "flickr8k")),
+        "karpathy": (root / "karpathy", corpora.write_karpathy(root / "karpathy")),
+        "coco": (root / "coco", (coco_train, coco_val)),
+        "folder": (root / "folder", corpora.write_csv_folder(root / "folder")),
+        "hf": (root / "hf", corpora.write_hf(root / "hf")),
+    }
+
+
+@pytest.fixture(scope="session")
+def source_runs(sources, vision_dir, language_dir, duocap_cache, tmp_path_factory):
+    """{source: (run dir, exit status, stdout, stderr)}: 2 steps with each source, then the test
+    evaluation (java hidden: the plain-tokenizer metrics are enough here and much quicker)."""
+    runs = tmp_path_factory.mktemp("source-runs")
+    scripts = {
+        name: Script(
+            [TRAIN_SCRIPTS["explained"], "--vision", vision_dir, "--language", language_dir]
+            + [*corpora.cli_source(name, where), "--max-steps", 2, "--batch-size", 4, "--out", runs / name],
+            duocap_cache,
+            hide_java=True,
+        )
+        for name, (where, _) in sources.items()
+    }
+    return {name: (runs / name, *result) for name, result in wait_all(scripts).items()}
+
+
+# 64 shapes images x 5 captions = 320 rows: 40 steps an epoch of 8, 80 in all
+RESUME_STEPS = 80
+
+
+def metrics_rows(run):
+    path = run / "metrics.jsonl"
+    return read_jsonl(path) if path.is_file() else []
+
+
+def signal_when(pending, timeout=240):
+    """pending: [(Script, condition(), signal)]. Poll every 5 ms and send each its signal
+    as soon as its condition holds (or stop polling when it has already exited)."""
+    deadline = time.time() + timeout
+    pending = list(pending)
+    while pending and time.time() < deadline:
+        for item in list(pending):
+            script, condition, sig = item
+            if script.proc.poll() is not None:
+                pending.remove(item)
+            elif condition():
+                script.proc.send_signal(sig)
+                pending.remove(item)
+        time.sleep(0.005)
+    assert not pending, "the runs to interrupt never reached the point of interruption"
+
+
+@pytest.fixture(scope="session")
+def resume_runs(tiny_args, duocap_cache, tmp_path_factory):
+    """(run directories, {name: Script}): for each variant an uninterrupted run and a SIGKILLed one,
+    resumed; an explained run stopped by SIGTERM, resumed."""
+    root = tmp_path_factory.mktemp("resume")
+    args = [*tiny_args, "--batch-size", 8, "--epochs", 2, "--no-eval"]
+    dirs = {
+        **{f"full-{v}": root / f"full-{v}" for v in VARIANTS},
+        **{f"killed-{v}": root / f"killed-{v}" for v in VARIANTS},
+        "terminated": root / "terminated",
+    }
+    first = {
+        f"{name}-{v}": Script([TRAIN_SCRIPTS[v], *args, "--save-every", 3, "--out", dirs[f"{name}-{v}"]], duocap_cache)
+        for v in VARIANTS
+        for name in ("full", "killed")
+    }
+    first["terminated"] = Script(
+        [TRAIN_SCRIPTS["explained"], *args, "--log-every", 1, "--save-every", 1000, "--out", dirs["terminated"]],
         duocap_cache,
     )
-    yield StartedRun(script, out)
-    if script.proc.poll() is None:
-        script.proc.kill()
-    script.wait()
+    signal_when(
+        [
+            (first[f"killed-{v}"], lambda d=dirs[f"killed-{v}"]: bool(checkpoints.checkpoint_dirs(d)), signal.SIGKILL)
+            for v in VARIANTS
+        ]
+        + [(first["terminated"], lambda: bool(metrics_rows(dirs["terminated"])), signal.SIGTERM)]
+    )
+    wait_all(first)
+    # the stopped run as it was left, before resuming adds to it and rotates its checkpoints
+    dirs["terminated-as-left"] = root / "terminated-as-left"
+    if dirs["terminated"].is_dir():
+        shutil.copytree(dirs["terminated"], dirs["terminated-as-left"])
+
+    second = {
+        f"resumed-{v}": Script([TRAIN_SCRIPTS[v], "--resume", dirs[f"killed-{v}"], "--no-eval"], duocap_cache)
+        for v in VARIANTS
+        if first[f"killed-{v}"].wait()[0] == -signal.SIGKILL
+    }
+    if first["terminated"].wait()[0] in (0, 143):
+        second["resumed-terminated"] = Script(
+            [TRAIN_SCRIPTS["explained"], "--resume", dirs["terminated"], "--no-eval"], duocap_cache
+        )
+    wait_all(second)
+    return dirs, {**first, **second}

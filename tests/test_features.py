@@ -1,22 +1,21 @@
-"""The fast paths change nothing but the speed: cached fp16 features train like pixels, the feature cache
-is keyed on what it depends on, decoding runs the LM head on one position per row, and bench.py's
-measurements run on the tiny models."""
+"""The feature cache: cached fp16 features train like pixels; one cache file per (backbone,
+preprocessing, image set), reused until one of them changes; images that fail to decode stop a
+strict run or are left out, and a strict run does not accept a cache built without them."""
 
 import os
+import pickle
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import bench
 import data
 import features as feature_cache
-import shapes
 import train
-from conftest import VARIANTS, perturb, pixels_for
-from decoding import decode
+from conftest import VARIANTS, loader_for, perturb, save_vision, training_parts
+from features import cached_features
+from runs import build_model
 
 
 def fresh_pair(make_model, variant, seed=0):
@@ -51,18 +50,6 @@ def features_of(model, processor, records):
 # cached features vs pixels through the real pipeline
 
 
-def loader(records, features, processor, tokenizer, config, order):
-    return data.make_loader(
-        records,
-        features,
-        processor,
-        tokenizer,
-        batch_size=config["batch_size"],
-        max_tokens=config["max_caption_tokens"],
-        order=order,
-    )
-
-
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_cached_features_train_like_pixels(make_model, splits, variant):
     cached_model, pixel_model, processor, tokenizer, config = fresh_pair(make_model, variant)
@@ -74,8 +61,8 @@ def test_cached_features_train_like_pixels(make_model, splits, variant):
     assert features.dtype == torch.float16
     assert features.shape == (6, (32 // 8) ** 2, cached_model.vision.config.hidden_size)
 
-    cached_batches = list(loader(records, features, processor, tokenizer, config, order))
-    pixel_batches = list(loader(records, None, processor, tokenizer, config, order))
+    cached_batches = list(loader_for(records, features, processor, tokenizer, config, order))
+    pixel_batches = list(loader_for(records, None, processor, tokenizer, config, order))
     assert len(cached_batches) == len(pixel_batches) == 3
     for cb, pb in zip(cached_batches, pixel_batches):
         assert "features" in cb and "pixel_values" not in cb
@@ -93,10 +80,7 @@ def test_cached_features_train_like_pixels(make_model, splits, variant):
     # a few optimizer steps on each path, from the same weights, end at (nearly) the same weights
     start = trainable(cached_model)
     for model, batches in ((cached_model, cached_batches), (pixel_model, pixel_batches)):
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(params, lr=0.5)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        params, optimizer, scheduler, scaler = training_parts(model, torch.optim.SGD, lr=0.5)
         model.train()
         for batch in batches:
             loss, grad_norm, ok = train.train_step(model, [batch], optimizer, scheduler, scaler, params, config)
@@ -211,74 +195,90 @@ def test_feature_cache_is_reused_and_rebuilt_when_its_inputs_change(
 
 
 # -----------------------------------------------------------------------------
-# decoding runs the LM head on one position per row
+# images that fail to decode: the header reads, so only a full decode (the feature cache) finds them
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_decoding_runs_the_lm_head_on_one_position_per_row(make_model, splits, variant):
-    model, processor, tokenizer, _ = make_model(variant)
-    perturb(model, seed=2)
-    B, new = 3, 5
-    state = model.encode_images(pixel_values=pixels_for(processor, splits["test"][:B]))
-    seen = []
-    handle = model.lm.lm_head.register_forward_hook(lambda m, inputs, out: seen.append(tuple(inputs[0].shape[:2])))
-    try:
-        eos = tokenizer.eos_token_id
-        for use_cache in (True, False):
-            seen.clear()
-            decode(model, state, eos, max_new_tokens=new, use_cache=use_cache, stop_at_eos=False)
-            assert seen == [(B, 1)] * new, (use_cache, seen)
-        seen.clear()
-        decode(model, state, eos, max_new_tokens=new, strategy="beam", beams=2)
-        assert seen and all(s == (B * 2, 1) for s in seen), seen
-    finally:
-        handle.remove()
-    # the image prefix of the self-attention variant is in the sequence, yet gets no logits
-    if variant == "self_attention":
-        assert model.prefix_len(state) == 16
+@pytest.mark.parametrize("strict", [True, False])
+def test_feature_cache_stops_on_or_leaves_out_truncated_images(
+    truncated_dataset, make_config, strict, capsys, duocap_cache, monkeypatch
+):
+    root, good = truncated_dataset
+    records = [r for split in data.load_splits("folder", root).values() for r in split]
+    config = make_config("explained")
+    config["data_options"] = {**config["data_options"], "strict": strict}
+    model, processor, _ = build_model(config)
+    if strict:
+        with pytest.raises(data.DataError) as e:
+            cached_features(model, processor, config["vision"], records, "cpu", config["data_options"]["strict"])
+        message = str(e.value)
+        assert "2 image(s) failed to decode" in message and "--skip-bad" in message
+        assert str(root / "cut.png") in message and str(root / "cut.jpg") in message
+    else:
+        kept, features = cached_features(
+            model, processor, config["vision"], records, "cpu", config["data_options"]["strict"]
+        )
+        assert sorted(r.image.name for r in kept) == sorted(good)
+        assert features.shape[0] == len(kept)
+        printed = capsys.readouterr().out
+        assert printed.count("--skip-bad: left out") == 2 and "cut.png" in printed and "cut.jpg" in printed
 
 
-# -----------------------------------------------------------------------------
-# bench.py on the tiny models
+def test_a_strict_run_stops_on_a_feature_cache_built_with_skip_bad(
+    truncated_dataset, make_config, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("DUOCAP_CACHE", str(tmp_path / "own-cache"))
+    root, good = truncated_dataset
+    records = [r for split in data.load_splits("folder", root).values() for r in split]
+    config = make_config("explained")
+    model, processor, _ = build_model(config)
+    config["data_options"] = {**config["data_options"], "strict": False}
+    kept, _ = cached_features(model, processor, config["vision"], records, "cpu", config["data_options"]["strict"])
+    assert sorted(r.image.name for r in kept) == sorted(good)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the cache was rebuilt")
+
+    monkeypatch.setattr(feature_cache, "compute_features", no_decoding)
+    config["data_options"] = {**config["data_options"], "strict": True}
+    with pytest.raises(data.DataError) as e:
+        cached_features(model, processor, config["vision"], records, "cpu", config["data_options"]["strict"])
+    message = str(e.value)
+    assert "2 image(s) failed to decode" in message and "truncated" in message
+    assert str(root / "cut.png") in message and str(root / "cut.jpg") in message
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_bench_measures_training_and_generation(make_model, splits, variant):
-    model, processor, tokenizer, _ = make_model(variant)
-    perturb(model, seed=3)
-    records = splits["train"][:4]  # 20 caption rows: 2 warm-up, 1 timed and 1 counted batch of 4
-    config = {"device": "cpu", "batch_size": 4, "max_caption_tokens": 32, "precision": "fp32"}
-    features = features_of(model, processor, records)
-    warm, flops_cached = bench.bench_training(model, records, features, processor, tokenizer, config, 1, 0)
-    off, flops_pixels = bench.bench_training(model, records, None, processor, tokenizer, config, 1, 0)
-    assert warm > 0 and off > 0
-    assert flops_cached > 0
-    # without the cache the vision tower runs in the step too
-    assert flops_pixels > flops_cached
-
-    images = [data.read_image(r.image) for r in splits["test"][:4]]
-    batched, single, same = bench.bench_generation(model, processor, tokenizer, images, "cpu", 4)
-    assert batched > 0 and single > 0
-    assert same is True
-
-
-def test_bench_peak_flops_on_cpu():
-    peak, source = bench.peak_flops("cpu")
-    assert isinstance(peak, float) and peak > 0
-    assert isinstance(source, str) and "matmul" in source
+def test_feature_cache_is_keyed_by_the_vision_weights(make_config, splits, tmp_path, monkeypatch):
+    """The same folder re-saved with other weights (same config, same processor) must not reuse
+    the features computed with the old ones."""
+    monkeypatch.setenv("DUOCAP_CACHE", str(tmp_path / "cache"))
+    folder = save_vision(tmp_path / "vision")
+    config = make_config("explained", vision=str(folder))
+    records = splits["train"][:4]
+    model, processor, _ = build_model(config)
+    _, first = feature_cache.cached_features(model, processor, config["vision"], records, "cpu")
+    with torch.no_grad():
+        for p in model.vision.parameters():
+            p.add_(0.1)
+    model.vision.save_pretrained(folder)  # same name, same config, other weights
+    model, processor, _ = build_model(config)
+    _, second = feature_cache.cached_features(model, processor, config["vision"], records, "cpu")
+    assert second.path != first.path, "another set of weights must get another cache file"
+    expected = model.image_features(
+        processor(images=[data.read_image(r.image) for r in records], return_tensors="pt")["pixel_values"]
+    ).half()
+    assert torch.equal(second.tensor(), expected)
+    assert not torch.equal(second.tensor(), first.tensor())
 
 
-def test_bench_mid_images_are_photo_sized_jpegs_with_their_captions(tmp_path):
-    records = bench.mid_records(tmp_path, 3)
-    for r in records:
-        with Image.open(r.image) as im:
-            assert (im.format, im.size) == ("JPEG", (500, 375))
-        # a flat drawing would code to under 10 KB and decode in a fraction of a photo's time
-        assert r.image.stat().st_size > 80_000
-        objects = shapes.parse_objects(r.captions[0])
-        assert len(r.captions) == 5 and 1 <= len(objects) <= 2
-    # written once: a second call reads the same files and gives the same captions
-    stamps = [r.image.stat().st_mtime_ns for r in records]
-    again = bench.mid_records(tmp_path, 3)
-    assert [r.captions for r in again] == [r.captions for r in records]
-    assert [r.image.stat().st_mtime_ns for r in again] == stamps
+def test_feature_cache_is_read_memory_mapped_and_pickles_as_a_path(make_model, splits, tmp_path, monkeypatch):
+    monkeypatch.setenv("DUOCAP_CACHE", str(tmp_path / "cache"))
+    model, processor, _, config = make_model("self_attention")
+    records = splits["train"][:6]
+    kept, store = feature_cache.cached_features(model, processor, config["vision"], records, "cpu")
+    assert isinstance(store.array(), np.memmap)
+    assert store.path.stat().st_size >= store.array().nbytes
+    # a spawned DataLoader worker gets the path and the row list, not the features
+    sent = pickle.dumps(store)
+    assert len(sent) < 2000 < store.array().nbytes
+    copy = pickle.loads(sent)
+    assert torch.equal(copy[[0, 3, 5]], store.tensor()[[0, 3, 5]])

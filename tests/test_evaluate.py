@@ -1,10 +1,12 @@
-"""Caption metrics: evaluate.caption_metrics is pycocoevalcap's COCO evaluation, with and without Java,
-and evaluate_run writes figures that the saved predictions reproduce.
+"""Evaluation: caption_metrics is pycocoevalcap's COCO evaluation, with and without Java; the shapes
+figures count what the captions get right; evaluate_run writes figures that the saved predictions
+reproduce; and evaluate.py refuses a bad run folder, missing data or a bad value in one line.
 
 Each METEOR scorer starts a JVM (several seconds), so the tests share one where they can."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,13 +21,14 @@ import data
 import evaluate
 import shapes
 import train
-from conftest import pixels_for
+from conftest import assert_refused, loader_for, pixels_for, start_refusals, training_parts
+from data import Record
 from decoding import decode
+from evaluate import shapes_figures
 
 METRICS = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE_L", "CIDEr"]
 
-# six images, 2-5 references each; capitals, punctuation, contractions, possessives and hyphens,
-# where the PTB tokenizer and a plain word tokenizer disagree
+
 PREDICTIONS = [
     {
         "image": "images/surf.jpg",
@@ -200,6 +203,65 @@ def test_line_breaks_inside_a_caption_do_not_shift_the_other_images(shared_meteo
 
 
 # -----------------------------------------------------------------------------
+# the figures evaluate.py reports for shapes
+
+
+def obj(colour, shape, size, x=32, y=32):
+    return {"colour": colour, "shape": shape, "size": size, "x": x, "y": y}
+
+
+def test_shapes_figures_on_hand_built_records():
+    records = [
+        Record(
+            Path("a.png"),
+            ["a small red circle", "there is a small red circle"],
+            {"image": "a.png", "objects": [obj("red", "circle", "small")], "relation": None},
+        ),
+        Record(
+            Path("b.png"),
+            ["a large blue square to the left of a small green triangle"],
+            {
+                "image": "b.png",
+                "objects": [obj("blue", "square", "large", 15), obj("green", "triangle", "small", 50)],
+                "relation": "to the left of",
+            },
+        ),
+        Record(
+            Path("c.png"),
+            ["a small yellow cross above a large purple circle"],
+            {
+                "image": "c.png",
+                "objects": [obj("yellow", "cross", "small", 32, 10), obj("purple", "circle", "large", 32, 50)],
+                "relation": "above",
+            },
+        ),
+        Record(
+            Path("d.png"),
+            ["a large orange triangle"],
+            {"image": "d.png", "objects": [obj("orange", "triangle", "large")], "relation": None},
+        ),
+    ]
+    captions = [
+        "there is a small red circle",  # objects right, exact match
+        "a small green triangle to the right of a large blue square",  # objects right, relation right (inverse wording)
+        "a small yellow cross below a large purple circle",  # objects right, relation wrong
+        "a large orange square",  # objects wrong
+    ]
+    figures = shapes_figures(records, captions)
+    assert figures["attribute_accuracy"] == pytest.approx(3 / 4)
+    assert figures["relation_accuracy"] == pytest.approx(1 / 2)
+    assert figures["exact_match"] == pytest.approx(1 / 4)
+
+    # a blind control scored against the wrong scenes gets nothing right
+    blind = shapes_figures(records, captions[1:] + captions[:1])
+    assert blind["attribute_accuracy"] == 0
+    assert blind["exact_match"] == 0
+    # images without pairs: relation accuracy is 0, not a division by zero
+    singles = shapes_figures([records[0], records[3]], [captions[0], "a large orange triangle"])
+    assert singles == {"attribute_accuracy": 1.0, "relation_accuracy": 0.0, "exact_match": 1.0}
+
+
+# -----------------------------------------------------------------------------
 # evaluate_run end to end on a tiny model
 
 
@@ -211,23 +273,12 @@ def trained_model(make_model, splits):
     records = splits["train"]
     features = model.image_features(pixels_for(processor, records))
     config = dict(config, batch_size=32)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=3e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    params, optimizer, scheduler, scaler = training_parts(model, lr=3e-3)
     n_rows = sum(len(r.captions) for r in records)
     model.train()
     for epoch in range(6):
         order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(epoch)).tolist()
-        for batch in data.make_loader(
-            records,
-            features,
-            processor,
-            tokenizer,
-            batch_size=config["batch_size"],
-            max_tokens=config["max_caption_tokens"],
-            order=order,
-        ):
+        for batch in loader_for(records, features, processor, tokenizer, config, order):
             train.train_step(model, [batch], optimizer, scheduler, scaler, params, config)
     return model.eval(), processor, tokenizer
 
@@ -277,3 +328,25 @@ def test_evaluate_run_writes_figures_that_its_predictions_reproduce(trained_mode
         # captions that differ between images and share words with the references: the check above can fail
         assert len({p["caption"] for p in predictions}) >= 2
         assert nested["BLEU-1"] > 0 and nested["METEOR"] > 0 and nested["CIDEr"] > 0
+
+
+# -----------------------------------------------------------------------------
+# a bad run folder, missing data or a bad value: one line, no traceback
+
+REFUSALS = {
+    "missing run folder": (["--checkpoint", "/no/such/run"], "/no/such/run", False),
+    "folder that is not a run": (["--checkpoint", "{empty}"], "{empty}", False),
+    "missing data folder": (["--checkpoint", "{no_data}"], "/no/such/dir", False),
+    "no beams": (["--checkpoint", "/no/such/run", "--beams", "0"], "--beams", True),
+}
+
+
+@pytest.fixture(scope="module")
+def evaluate_refusals(runs_without_data, duocap_cache, tmp_path_factory):
+    empty = tmp_path_factory.mktemp("not-a-run")
+    return start_refusals("evaluate.py", REFUSALS, duocap_cache, empty=empty, no_data=runs_without_data["explained"])
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_evaluate_refuses_a_bad_run_folder_missing_data_or_a_bad_value_in_one_line(evaluate_refusals, case):
+    assert_refused(*evaluate_refusals[case])

@@ -1,4 +1,5 @@
-"""Checkpoints: safetensors + JSON, a faithful round trip, clear refusals."""
+"""Run directories: safetensors + JSON, a faithful round trip, clear refusals (not a run, the other
+variant, another backbone)."""
 
 import json
 import shutil

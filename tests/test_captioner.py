@@ -1,16 +1,19 @@
-"""The two fusion variants: what trains, how text meets image, what the LM head sees, the loss."""
+"""The Captioner contract both variants share: which parameters train and get gradients, what the
+LM head sees, the loss (EOS counted, padding ignored, cached features as good as pixels), and
+next_logits: a cached step gives the logits of a full recomputation, for one position per row."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from conftest import VARIANTS, batch_for, perturb, pixels_for
-
-FUSION = {"explained": ("cross_attention.", "fusion_norm."), "self_attention": ("positions.", "input_norm.")}
-
+from decoding import decode
 
 # -----------------------------------------------------------------------------
 # which parameters train
+
+
+FUSION = {"explained": ("cross_attention.", "fusion_norm."), "self_attention": ("positions.", "input_norm.")}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -63,70 +66,13 @@ def test_every_trainable_parameter_gets_a_gradient(make_model, splits, variant):
             assert p.grad is None, f"frozen {n} got a gradient"
 
 
-# -----------------------------------------------------------------------------
-# cross-attention fusion: token t does not depend on the other text tokens
-
-
-def test_cross_attention_fusion_of_a_token_ignores_other_text_tokens(make_model, splits, tokenizer):
-    model, processor, _, _ = make_model("explained")
-    perturb(model)
-    state = model.encode_images(pixel_values=pixels_for(processor, splits["test"][:3]))
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(len(tokenizer), (3, 7), generator=gen)
-    fused = model.embed(state, ids, 0)
-    assert fused.shape == (3, 7, model.lm.config.hidden_size)
-
-    changed = ids.clone()
-    changed[:, [0, 2, 5]] = (ids[:, [0, 2, 5]] + 1 + torch.randint(50, (3, 3), generator=gen)) % len(tokenizer)
-    fused2 = model.embed(state, changed, 0)
-    for t in (1, 3, 4, 6):
-        torch.testing.assert_close(fused2[:, t], fused[:, t], rtol=0, atol=1e-6)
-    for t in (0, 2, 5):  # and the changed tokens did change (the test can see a difference)
-        assert not torch.allclose(fused2[:, t], fused[:, t], atol=1e-4)
-
-    # one token at a time (as decoding fuses it) gives the same as the whole caption at once
-    for t in range(ids.shape[1]):
-        torch.testing.assert_close(model.embed(state, ids[:, t : t + 1], t)[:, 0], fused[:, t], rtol=0, atol=1e-6)
-
-    # ... yet the fusion does depend on the image
-    other = model.encode_images(pixel_values=pixels_for(processor, splits["test"][3:6]))
-    assert not torch.allclose(model.embed(other, ids, 0), fused, atol=1e-4)
+def test_more_train_layers_than_the_model_has_is_refused(make_model):
+    with pytest.raises(ValueError, match="has 2 layers"):
+        make_model("explained", train_layers=3)
 
 
 # -----------------------------------------------------------------------------
-# self-attention: the position table
-
-
-def test_self_attention_position_table_refuses_an_overlong_sequence(make_model, splits, tokenizer):
-    model, processor, _, config = make_model("self_attention", max_caption_tokens=10)
-    state = model.encode_images(pixel_values=pixels_for(processor, splits["test"][:2]))
-    P = state.shape[1]
-    assert P == model.n_image_tokens == (32 // 8) ** 2
-    text = config["max_caption_tokens"] + 1  # [BOS] + the longest caption
-    assert model.positions.num_embeddings == P + text
-
-    ids = torch.randint(len(tokenizer), (2, text + 1))
-    out = model.embed(state, ids[:, :text], 0)  # fits exactly
-    assert out.shape == (2, P + text, model.lm.config.hidden_size)
-    assert model.embed(state, ids[:, :1], text - 1).shape == (2, 1, model.lm.config.hidden_size)
-    with pytest.raises(ValueError, match="position table"):
-        model.embed(state, ids, 0)
-    with pytest.raises(ValueError, match="position table"):
-        model.embed(state, ids[:, :1], text)  # one decoding step past the end
-
-    # a training batch with too long a caption is refused, not silently cut
-    input_ids = torch.randint(len(tokenizer), (2, text + 1))
-    with pytest.raises(ValueError, match="position table"):
-        model(
-            input_ids,
-            input_ids.clone(),
-            torch.ones_like(input_ids),
-            features=model.image_features(pixels_for(processor, splits["test"][:2])),
-        )
-
-
-# -----------------------------------------------------------------------------
-# the LM head runs only on the text positions
+# the loss: the LM head runs only on the text positions
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -207,18 +153,45 @@ def test_features_and_pixels_give_the_same_loss(make_model, splits, variant):
     assert not torch.isclose(other_image, from_pixels, atol=1e-4), "the loss must depend on the image"
 
 
-def test_more_train_layers_than_the_model_has_is_refused(make_model):
-    with pytest.raises(ValueError, match="has 2 layers"):
-        make_model("explained", train_layers=3)
+# -----------------------------------------------------------------------------
+# next_logits: the KV cache changes nothing, and the LM head runs on one position per row
 
 
-def test_decoding_stops_at_the_end_of_the_position_table(make_model, splits, tokenizer):
-    """A short position table bounds the caption instead of crashing the evaluation after training."""
-    from decoding import decode
-
-    model, processor, _, _ = make_model("self_attention", max_caption_tokens=4)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_steps_give_the_logits_of_full_recomputation(make_model, splits, tokenizer, variant):
+    model, processor, _, _ = make_model(variant)
+    perturb(model, seed=2)
     state = model.encode_images(pixel_values=pixels_for(processor, splits["test"][:3]))
-    eos = tokenizer.eos_token_id
-    out = decode(model, state, eos, max_new_tokens=30, stop_at_eos=False)  # would need 30 text positions
-    assert len(out) == 3
-    assert max(len(t) for t in out) <= model.max_text_tokens == 5
+    ids = torch.randint(len(tokenizer), (3, 6), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = tokenizer.eos_token_id
+    with torch.no_grad():
+        logits, cache = model.next_logits(state, ids[:, :2])  # a two-token prefill
+        for t in range(2, ids.shape[1] + 1):
+            full, _ = model.next_logits(state, ids[:, :t], None, use_cache=False)
+            torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
+            if t < ids.shape[1]:
+                logits, cache = model.next_logits(state, ids[:, : t + 1], cache)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decoding_runs_the_lm_head_on_one_position_per_row(make_model, splits, variant):
+    model, processor, tokenizer, _ = make_model(variant)
+    perturb(model, seed=2)
+    B, new = 3, 5
+    state = model.encode_images(pixel_values=pixels_for(processor, splits["test"][:B]))
+    seen = []
+    handle = model.lm.lm_head.register_forward_hook(lambda m, inputs, out: seen.append(tuple(inputs[0].shape[:2])))
+    try:
+        eos = tokenizer.eos_token_id
+        for use_cache in (True, False):
+            seen.clear()
+            decode(model, state, eos, max_new_tokens=new, use_cache=use_cache, stop_at_eos=False)
+            assert seen == [(B, 1)] * new, (use_cache, seen)
+        seen.clear()
+        decode(model, state, eos, max_new_tokens=new, strategy="beam", beams=2)
+        assert seen and all(s == (B * 2, 1) for s in seen), seen
+    finally:
+        handle.remove()
+    # the image prefix of the self-attention variant is in the sequence, yet gets no logits
+    if variant == "self_attention":
+        assert model.prefix_len(state) == 16

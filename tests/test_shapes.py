@@ -1,0 +1,86 @@
+"""The shapes world: its splits share no image and hold the held-out colour-shape pairs only in the
+compositional split, and captions parse back into the objects and the relation they state."""
+
+import json
+
+import shapes
+
+
+def test_shapes_splits_share_no_image(splits, shapes_dir):
+    assert set(splits) == {"train", "val", "test", "compositional"}
+    sizes = {k: len(v) for k, v in splits.items()}
+    assert sizes == {"train": 64, "val": 8, "test": 8, "compositional": 8}
+    seen = {}
+    for name, records in splits.items():
+        paths = [r.image.resolve() for r in records]
+        assert len(paths) == len(set(paths)), f"{name} lists an image twice"
+        for p in paths:
+            assert p not in seen, f"{p} is in both {seen[p]} and {name}"
+            seen[p] = name
+    # every caption of an image travels with it: no image's captions are split apart
+    rows = [json.loads(line) for line in (shapes_dir / "captions.jsonl").read_text().splitlines()]
+    by_image = {}
+    for row in rows:
+        by_image.setdefault((shapes_dir / row["image"]).resolve(), []).append(row["caption"])
+    for records in splits.values():
+        for r in records:
+            assert r.captions == by_image[r.image.resolve()]
+
+
+def test_compositional_split_holds_every_held_out_pair_and_no_other_split_does(splits):
+    for name, records in splits.items():
+        for r in records:
+            pairs = {(o["colour"], o["shape"]) for o in r.meta["objects"]}
+            assert pairs, f"{r.image} has no metadata"
+            # the captions say the same thing as the metadata
+            assert set().union(*(shapes.parse_objects(c) for c in r.captions)) == pairs
+            if name == "compositional":
+                assert pairs & shapes.HELD_OUT, f"{r.image} in the compositional split has no held-out pair"
+            else:
+                assert not pairs & shapes.HELD_OUT, (
+                    f"{r.image} in {name} draws a held-out pair {pairs & shapes.HELD_OUT}"
+                )
+
+
+# -----------------------------------------------------------------------------
+# what a caption says
+
+
+def test_parse_objects():
+    assert shapes.parse_objects("a small red circle to the left of a large blue square") == {
+        ("red", "circle"),
+        ("blue", "square"),
+    }
+    assert shapes.parse_objects("there is a large yellow cross") == {("yellow", "cross")}
+    assert shapes.parse_objects("a single small purple triangle") == {("purple", "triangle")}
+    assert shapes.parse_objects("a red thing near a square") == set()
+    assert shapes.parse_objects("") == set()
+
+
+def test_parse_relation_normalises_inverse_relations():
+    right = shapes.parse_relation("a red circle to the right of a blue square")
+    left = shapes.parse_relation("a blue square to the left of a red circle")
+    assert right == left == (("blue", "square"), "to the left of", ("red", "circle"))
+    below = shapes.parse_relation("a large green cross is below a small orange triangle")
+    above = shapes.parse_relation("there is a small orange triangle above a large green cross")
+    assert below == above == (("orange", "triangle"), "above", ("green", "cross"))
+    # a different relation, or the same words with the objects swapped, is not the same
+    assert shapes.parse_relation("a red circle to the left of a blue square") != right
+    assert shapes.parse_relation("a red circle above a blue square") != right
+    # no relation, or not exactly two objects: nothing to compare
+    assert shapes.parse_relation("a small red circle") is None
+    assert shapes.parse_relation("a red circle and a blue square") is None
+    assert shapes.parse_relation("a red circle to the left of a blue square above a green cross") is None
+
+
+def test_scene_truth_matches_what_the_generator_draws():
+    scene = {
+        "objects": [
+            {"colour": "red", "shape": "circle", "size": "small", "x": 50, "y": 30},
+            {"colour": "blue", "shape": "square", "size": "large", "x": 15, "y": 30},
+        ],
+        "relation": "to the right of",
+    }
+    objects, relation = shapes.scene_truth(scene)
+    assert objects == {("red", "circle"), ("blue", "square")}
+    assert relation == (("blue", "square"), "to the left of", ("red", "circle"))

@@ -1,0 +1,585 @@
+"""Training: the numbered scripts write a complete run directory from every data source; a step with
+a non-finite loss changes nothing; data-parallel training under torchrun (gloo on CPU) and gradient
+accumulation update the weights exactly as one process with the same global batch; interrupted
+training (SIGKILL mid-epoch, SIGTERM, a torchrun job killed) resumes to the uninterrupted weights;
+bad data is listed or left out; and a bad run folder, missing data or a bad value is refused in one line."""
+
+import json
+import math
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from corpora import (
+    COCO_TRAIN,
+    COCO_VAL,
+    CSV_REFS,
+    FOLDER_CASES,
+    N_GOOD,
+    SOURCE_NAMES,
+    assert_named,
+    karpathy_written,
+    write_jsonl_dataset,
+)
+from safetensors.torch import load_file
+
+import checkpoints
+import data
+import train
+from compare import read_jsonl
+from conftest import (
+    RESUME_STEPS,
+    TRAIN_SCRIPTS,
+    VARIANTS,
+    Script,
+    assert_refused,
+    batch_for,
+    kept_rng,
+    metrics_rows,
+    start_refusals,
+    training_parts,
+    wait_all,
+)
+from runs import build_model, load_run, read_config
+
+# -----------------------------------------------------------------------------
+# a few steps with each numbered script, then the test evaluation
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_training_writes_a_complete_run_directory(trained_runs, splits, duocap_cache, variant):
+    out, stdout = trained_runs[variant]
+    for name in ("config.json", "model.safetensors", "metrics.jsonl", "eval_test.json", "predictions_test.jsonl"):
+        assert (out / name).is_file(), f"{name} missing from the run directory"
+    assert not [p for p in out.iterdir() if p.suffix in (".pt", ".pth", ".bin", ".pkl", ".tmp")]
+    assert "trainable of" in stdout, "the trainable and total parameter counts are printed at start"
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["variant"] == variant and config["max_steps"] == 3 and config["batch_size"] == 8
+    weights = load_file(str(out / "model.safetensors"))
+    assert any(k.startswith("adapter.") for k in weights)
+    assert not any(k.startswith("vision.") or "embed_tokens" in k for k in weights), "frozen weights are not saved"
+
+    metrics = read_jsonl(out / "metrics.jsonl")
+    train_rows = [m for m in metrics if "train_loss" in m]
+    val_rows = [m for m in metrics if "val_loss" in m]
+    assert train_rows and train_rows[-1]["step"] == 3, "training stops after --max-steps"
+    assert max(m["step"] for m in metrics) == 3
+    assert all(math.isfinite(m["train_loss"]) for m in train_rows)
+    assert val_rows and math.isfinite(val_rows[-1]["val_loss"])
+
+    figures = json.loads((out / "eval_test.json").read_text())
+    for key in ("attribute_accuracy", "exact_match", "blind_attribute_accuracy", "relation_accuracy"):
+        assert 0 <= figures[key] <= 1, key
+    assert figures["n_images"] == len(splits["test"])
+    assert figures["compositional"]["n_images"] == len(splits["compositional"])
+    assert 0 <= figures["compositional"]["attribute_accuracy"] <= 1
+
+    predictions = read_jsonl(out / "predictions_test.jsonl")
+    assert [p["image"] for p in predictions] == [str(r.image) for r in splits["test"]]
+    assert [p["references"] for p in predictions] == [r.captions for r in splits["test"]]
+    assert all(isinstance(p["caption"], str) for p in predictions)
+
+    # the feature cache went where DUOCAP_CACHE says
+    assert list((duocap_cache / variant / "features").glob("*.npy"))
+
+
+# -----------------------------------------------------------------------------
+# one optimizer step
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+def test_a_non_finite_loss_leaves_the_weights_untouched(make_model, splits):
+    model, processor, tokenizer, config = make_model("explained")
+    model.train()
+    params, optimizer, scheduler, scaler = training_parts(model, lr=1e-2, weight_decay=0.01)
+    with torch.no_grad():
+        model.adapter[0].weight[0, 0] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    batch = batch_for(processor, tokenizer, splits["train"][:4])
+    loss, grad_norm, ok = train.train_step(model, [batch], optimizer, scheduler, scaler, params, config)
+    assert not ok
+    assert not torch.isfinite(loss)
+    assert not optimizer.state, "no optimizer step was taken"
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            # bitwise: NaN == NaN here, and weight decay alone would have moved every other weight
+            assert torch.equal(p.detach().view(torch.int32), before[n].view(torch.int32)), f"{n} changed"
+
+    # the same step with the NaN removed does move the weights: the check above could fail
+    with torch.no_grad():
+        model.adapter[0].weight[0, 0] = 0.0
+    loss, grad_norm, ok = train.train_step(model, [batch], optimizer, scheduler, scaler, params, config)
+    assert ok and torch.isfinite(loss)
+    assert not torch.equal(model.adapter[1].weight, before["adapter.1.weight"])
+
+
+# -----------------------------------------------------------------------------
+# many processes: torchrun (gloo on CPU) and gradient accumulation
+
+
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+COMMON = ["--epochs", "1", "--max-steps", "3", "--no-eval", "--save-every", "0"]
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tiny_args, duocap_cache, tmp_path_factory):
+    """The same 3 steps of global batch 8: one process; 2 micro-batches of 4; torchrun with 2 ranks of 4."""
+    root = tmp_path_factory.mktemp("ddp")
+    script = TRAIN_SCRIPTS["explained"]
+    plans = {
+        "single": [script, "--batch-size", 8],
+        "accum": [script, "--batch-size", 4, "--grad-accum", 2],
+        "ddp": [*TORCHRUN, script, "--batch-size", 4],
+    }
+    scripts = {
+        name: Script([*cmd, *tiny_args, "--out", root / name, *COMMON], duocap_cache / name)
+        for name, cmd in plans.items()
+    }
+    return root, {name: script.ok() for name, script in scripts.items()}
+
+
+def max_difference(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_torchrun_two_ranks_match_one_process_with_the_global_batch(ddp_runs):
+    root, outputs = ddp_runs
+    single, ddp = (
+        load_file(str(root / "single" / "model.safetensors")),
+        load_file(str(root / "ddp" / "model.safetensors")),
+    )
+    initial_gap = max_difference(single, {k: torch.zeros_like(v) for k, v in single.items()})
+    assert initial_gap > 0
+    assert max_difference(single, ddp) < 1e-5
+    assert "global batch 8 = 4 per rank x 1 accumulation steps x 2 rank(s)" in outputs["ddp"]
+    # the feature cache was extracted in two shards, one per rank, into one file per split
+    n_train = 64
+    assert f"rank 0 of 2 encoded images 0..{n_train // 2 - 1} of {n_train}" in outputs["ddp"], outputs["ddp"][-3000:]
+    assert f"rank 1 of 2 encoded images {n_train // 2}..{n_train - 1} of {n_train}" in outputs["ddp"]
+    assert "encoded images" not in outputs["single"], "one process encodes everything itself"
+
+
+def test_gradient_accumulation_matches_one_big_batch(ddp_runs):
+    root, outputs = ddp_runs
+    single, accum = (
+        load_file(str(root / "single" / "model.safetensors")),
+        load_file(str(root / "accum" / "model.safetensors")),
+    )
+    assert max_difference(single, accum) < 1e-5
+    assert "global batch 8 = 4 per rank x 2 accumulation steps x 1 rank(s)" in outputs["accum"]
+
+
+def test_the_runs_did_train(ddp_runs, make_model):
+    """Guard against a vacuous match: the trained weights differ from a fresh model's."""
+    root, _ = ddp_runs
+    model, *_ = make_model("explained")
+    fresh = model.trainable_state_dict()
+    trained = load_file(str(root / "single" / "model.safetensors"))
+    assert max_difference(fresh, trained) > 1e-4
+
+
+def test_epoch_order_shards_the_global_batch():
+    import train
+
+    one = train.epoch_order(100, seed=3, epoch=1, n_steps=5, batch_size=8)
+    shards = [train.epoch_order(100, 3, 1, 5, 2, grad_accum=2, rank=r, world=2) for r in range(2)]
+    for step in range(5):
+        global_rows = set(one[step * 8 : (step + 1) * 8])
+        from_ranks = set(shards[0][step * 4 : (step + 1) * 4]) | set(shards[1][step * 4 : (step + 1) * 4])
+        assert global_rows == from_ranks
+    assert train.epoch_order(100, 3, 1, 5, 8) == one
+    assert train.epoch_order(100, 3, 2, 5, 8) != one
+
+
+# -----------------------------------------------------------------------------
+# interrupted and resumed
+
+
+def assert_same_weights(a, b, skip=()):
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        if k.startswith(skip):
+            continue
+        assert torch.equal(wa[k], wb[k]), f"{k} differs between {a} and {b}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_weights(resume_runs, variant):
+    dirs, scripts = resume_runs
+    rc, stdout, stderr = scripts[f"killed-{variant}"].wait()
+    assert rc == -signal.SIGKILL, f"the run was not killed before it finished (exit {rc})"
+    out = scripts[f"resumed-{variant}"].ok()
+    resumed_from = re.search(r"resumed from \S+step-(\d+) \(epoch (\d), step (\d+)\)", out)
+    assert resumed_from, out[-2000:]
+    step = int(resumed_from.group(3))
+    assert 3 <= step < RESUME_STEPS, "the resumed run continued from a mid-run checkpoint"
+    scripts[f"full-{variant}"].ok()
+    for name in ("full", "killed"):
+        summary = json.loads((dirs[f"{name}-{variant}"] / "summary.json").read_text())
+        assert summary["steps"] == RESUME_STEPS
+    assert_same_weights(dirs[f"killed-{variant}"] / "model.safetensors", dirs[f"full-{variant}"] / "model.safetensors")
+    # the last checkpoints agree too: weights and optimizer moments. (Not the torch RNG state: a
+    # resumed run creates one more DataLoader iterator, which draws from it; see the report.)
+    last_full = checkpoints.checkpoint_dirs(dirs[f"full-{variant}"])[-1]
+    last_resumed = checkpoints.checkpoint_dirs(dirs[f"killed-{variant}"])[-1]
+    assert last_full.name == last_resumed.name
+    assert_same_weights(last_full / "model.safetensors", last_resumed / "model.safetensors")
+    assert_same_weights(last_full / "optimizer.safetensors", last_resumed / "optimizer.safetensors", skip=("rng.",))
+    # metrics.jsonl of the resumed run is appended to, and reaches the last step
+    steps = [m["step"] for m in metrics_rows(dirs[f"killed-{variant}"]) if "train_loss" in m]
+    assert steps[-1] == RESUME_STEPS
+
+
+def test_sigterm_checkpoints_and_exits_then_resume_finishes(resume_runs):
+    dirs, scripts = resume_runs
+    run, left = dirs["terminated"], dirs["terminated-as-left"]
+    rc, stdout, stderr = scripts["terminated"].wait()
+    assert rc in (0, 143), f"exit {rc}:\n{stderr[-3000:]}"
+    assert "Traceback" not in stdout + stderr
+    logged = [m["step"] for m in metrics_rows(left)]
+    assert logged, "nothing was logged before the stop"
+    assert checkpoints.checkpoint_dirs(left), "SIGTERM left no checkpoint"
+    last = checkpoints.checkpoint_dirs(left)[-1]
+    state = json.loads((last / "state.json").read_text())
+    stopped_at = state["progress"]["step"]
+    assert stopped_at >= max(logged) - 1, f"checkpoint at step {stopped_at}, but step {max(logged)} was logged"
+    assert stopped_at < RESUME_STEPS, "the run was stopped before the end"
+    assert f"stopped at step {stopped_at}" in stdout
+    assert not (left / "summary.json").exists()
+
+    # the checkpoint loads into a fresh model and optimizer (restoring this process's RNGs after)
+    config = read_config(run)
+    with kept_rng():
+        model, _, _ = build_model(config)
+        params, optimizer, scheduler, scaler = training_parts(
+            model, lr=config["lr"], weight_decay=config["weight_decay"]
+        )
+        progress = checkpoints.load(last, model, optimizer, scheduler, scaler)
+    assert progress["step"] == stopped_at
+    assert len(optimizer.state) == len(params), "the optimizer state was restored for every parameter"
+
+    # the run directory's model is the checkpoint's, and load_run takes it
+    loaded, _, _, loaded_config = load_run(left)
+    assert loaded_config["variant"] == "explained"
+    checkpoint_weights = load_file(str(last / "model.safetensors"))
+    own = loaded.state_dict()
+    for k, v in checkpoint_weights.items():
+        assert torch.equal(own[k], v), k
+
+    out = scripts["resumed-terminated"].ok()
+    assert f"step {stopped_at})" in out
+    summary = json.loads((run / "summary.json").read_text())
+    full = json.loads((dirs["full-explained"] / "summary.json").read_text())
+    assert summary["steps"] == full["steps"] == RESUME_STEPS
+    assert_same_weights(run / "model.safetensors", dirs["full-explained"] / "model.safetensors")
+
+
+def run_training_main(argv, variant="explained"):
+    """train.main in this process up to its error: the SystemExit code (its RNG seeding undone afterwards)."""
+    with kept_rng(), pytest.raises(SystemExit) as e:
+        train.main(variant, argv)
+    return e.value.code
+
+
+def test_resuming_with_the_other_variant_is_refused(resume_runs):
+    """What 10_train_self_attention.py --resume EXPLAINED_RUN runs (train.main("self_attention")),
+    in this process: the refusal comes before anything is built, loaded or written."""
+    dirs, scripts = resume_runs
+    run = dirs["full-explained"]
+    scripts["full-explained"].ok()
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    code = run_training_main(["--resume", str(run), "--no-eval"], "self_attention")
+    message = str(code)
+    assert code not in (0, None)
+    assert "explained" in message and "self_attention" in message, message
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+    with pytest.raises(ValueError) as e:
+        load_run(run, variant="self_attention")
+    assert "explained" in str(e.value) and "self_attention" in str(e.value)
+
+
+# a torchrun job killed mid-run (every rank and the launcher at once, as when a node
+# is lost) and resumed under torchrun
+
+DDP_RESUME_STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def ddp_resume(tiny_args, duocap_cache, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp-resume")
+    torchrun = [*TORCHRUN, TRAIN_SCRIPTS["explained"]]
+    args = [
+        *tiny_args,
+        "--batch-size",
+        4,
+        "--epochs",
+        1,
+        "--max-steps",
+        DDP_RESUME_STEPS,
+        "--save-every",
+        3,
+        "--no-eval",
+    ]
+    cache = duocap_cache / "ddp-resume"
+    full = Script([*torchrun, *args, "--out", root / "full"], cache)
+    killed = Script([*torchrun, *args, "--out", root / "killed"], cache)
+    deadline = time.time() + 240
+    while killed.proc.poll() is None and not checkpoints.checkpoint_dirs(root / "killed"):
+        assert time.time() < deadline, "the run to kill never wrote a checkpoint"
+        time.sleep(0.005)
+    if killed.proc.poll() is None:
+        killed.kill_tree(signal.SIGKILL)
+    outputs = {"full": full.wait(), "killed": killed.wait()}
+    if outputs["killed"][0] == -signal.SIGKILL:
+        outputs["resumed"] = Script([*torchrun, "--resume", root / "killed", "--no-eval"], cache).wait()
+    return root, outputs
+
+
+def test_torchrun_killed_mid_run_resumes_under_torchrun_to_the_uninterrupted_weights(ddp_resume):
+    root, outputs = ddp_resume
+    assert outputs["full"][0] == 0, outputs["full"][1][-3000:] + outputs["full"][2][-3000:]
+    assert outputs["killed"][0] == -signal.SIGKILL, "the run finished before it could be killed"
+    rc, stdout, stderr = outputs["resumed"]
+    assert rc == 0, stdout[-3000:] + stderr[-3000:]
+    resumed_from = re.search(r"resumed from \S+ \(epoch 1, step (\d+)\)", stdout)
+    assert resumed_from and 3 <= int(resumed_from.group(1)) < DDP_RESUME_STEPS, stdout[-2000:]
+    for run in ("full", "killed"):
+        summary = (root / run / "summary.json").read_text()
+        assert f'"steps": {DDP_RESUME_STEPS}' in summary, summary
+    full, resumed = (load_file(str(root / run / "model.safetensors")) for run in ("full", "killed"))
+    assert max_difference(full, resumed) < 1e-6
+
+
+# -----------------------------------------------------------------------------
+# training from each data source
+
+
+def expected_data_line(name, sources):
+    where, written = sources[name]
+    if name == "karpathy":
+        return karpathy_written(written, "train").describe()
+    if name == "coco":
+        coco_train, coco_val = written
+        splits = data.load_splits("coco", where)  # which train image is held out is the loader's (seeded) choice
+        return (
+            f"train {COCO_TRAIN - 1} images ({sum(map(len, coco_train.values())) - len(splits['val'][0].captions)}"
+            f" captions), val 1 images ({len(splits['val'][0].captions)} captions), "
+            f"test {COCO_VAL} images ({sum(map(len, coco_val.values()))} captions)"
+        )
+    if name == "folder":
+        return (
+            f"train 8 images ({8 * CSV_REFS} captions), val 1 images ({CSV_REFS} captions), "
+            f"test 1 images ({CSV_REFS} captions)"
+        )
+    return written.describe()
+
+
+@pytest.mark.parametrize("name", SOURCE_NAMES)
+def test_training_from_each_source(source_runs, sources, name):
+    run, rc, stdout, stderr = source_runs[name]
+    assert rc == 0, f"{name}:\n{stdout[-3000:]}\n{stderr[-5000:]}"
+    where = Path(sources[name][0]).resolve()
+    source = f"hf:{sources[name][0]}" if name == "hf" else name
+    line = next((line for line in stdout.splitlines() if line.startswith("data (")), None)
+    assert line == f"data ({source} at {where}): {expected_data_line(name, sources)}", stdout[:2000]
+    for f in ("model.safetensors", "config.json", "eval_test.json", "predictions_test.jsonl", "summary.json"):
+        assert (run / f).is_file(), f
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+    figures = json.loads((run / "eval_test.json").read_text())
+    predictions = [json.loads(line) for line in (run / "predictions_test.jsonl").read_text().splitlines()]
+    test_split = data.splits_for(json.loads((run / "config.json").read_text()), cache_dir=run.parent)["test"]
+    assert figures["n_images"] == len(predictions) == len(test_split)
+    assert [p["references"] for p in predictions] == [r.captions for r in test_split]
+    assert 0 <= figures["BLEU-1"] <= 1 and figures["CIDEr"] >= 0
+
+
+@pytest.mark.parametrize(
+    "name, missing",
+    [
+        (
+            "flickr8k",
+            [
+                "Flickr8k.token.txt",
+                "Flicker8k_Dataset",
+                "Flickr_8k.trainImages.txt",
+                "Flickr_8k.devImages.txt",
+                "Flickr_8k.testImages.txt",
+            ],
+        ),
+        ("coco", ["annotations/captions_train2017.json", "annotations/captions_val2017.json", "train2017", "val2017"]),
+    ],
+)
+def test_missing_dataset_lists_the_missing_files(name, missing, vision_dir, language_dir, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    message = run_training_main(
+        [
+            "--vision",
+            str(vision_dir),
+            "--language",
+            str(language_dir),
+            "--data",
+            name,
+            "--data-dir",
+            str(empty),
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
+    assert isinstance(message, str) and message.startswith("error:"), message
+    assert str(empty.resolve()) in message
+    for f in missing:
+        assert str(empty.resolve() / f) in message, f"{f} not listed:\n{message}"
+    assert "Traceback" not in message
+
+
+# -----------------------------------------------------------------------------
+# the training script on a corpus of bad records
+
+
+CORPUS_TRUNCATED = ["cut.png", "cut.jpg"]
+
+
+@pytest.fixture(scope="module")
+def corpus_runs(vision_dir, language_dir, duocap_cache, tmp_path_factory):
+    """Every folder problem in one dataset (truncated images in train); the script run strict and
+    with --skip-bad; and a dataset whose test split holds a truncated image, evaluated."""
+    root = tmp_path_factory.mktemp("bad-corpus")
+    cases = [make() for make in FOLDER_CASES.values()]
+    names = [f"g{i:02d}.png" for i in range(N_GOOD)]
+    good, planted = write_jsonl_dataset(
+        root,
+        cases,
+        truncated_images=CORPUS_TRUNCATED,
+        splits={
+            "train": names[:8] + CORPUS_TRUNCATED + [b.file for b in cases if b.image is not None],
+            "val": names[8:9],
+            "test": names[9:],
+        },
+    )
+
+    evaluated = tmp_path_factory.mktemp("bad-test-split")
+    write_jsonl_dataset(
+        evaluated,
+        [],
+        truncated_images=["cut.jpg"],
+        splits={"train": names[:7], "val": names[7:8], "test": names[8:] + ["cut.jpg"]},
+    )
+
+    base = [
+        TRAIN_SCRIPTS["explained"],
+        "--vision",
+        vision_dir,
+        "--language",
+        language_dir,
+        "--data",
+        "folder",
+        "--batch-size",
+        4,
+    ]
+    runs_root = tmp_path_factory.mktemp("bad-runs")
+    scripts = {
+        "strict": Script(
+            base + ["--data-dir", root, "--max-steps", 3, "--no-eval", "--out", runs_root / "strict"], duocap_cache
+        ),
+        "skip": Script(
+            base + ["--data-dir", root, "--max-steps", 3, "--no-eval", "--skip-bad", "--out", runs_root / "skip"],
+            duocap_cache,
+        ),
+        "evaluated": Script(
+            base + ["--data-dir", evaluated, "--max-steps", 1, "--skip-bad", "--out", runs_root / "evaluated"],
+            duocap_cache,
+            hide_java=True,
+        ),
+    }
+    results = wait_all(scripts)
+    return root, good, planted, runs_root, results
+
+
+def test_strict_training_lists_every_problem_without_a_traceback(corpus_runs):
+    root, good, planted, _, results = corpus_runs
+    rc, stdout, stderr = results["strict"]
+    output = stdout + stderr
+    assert rc != 0
+    assert "Traceback" not in output, output[-3000:]
+    assert f"{len(planted)} problem(s) in the folder data" in output, output[-3000:]
+    for bad, line_no in planted:
+        assert_named(output, root, bad, line_no)
+    assert "--skip-bad" in output
+
+
+def test_skip_bad_training_leaves_the_problems_out_and_trains(corpus_runs):
+    root, good, planted, runs_root, results = corpus_runs
+    rc, stdout, stderr = results["skip"]
+    output = stdout + stderr
+    assert rc == 0, output[-5000:]
+    assert "Traceback" not in output
+    assert (runs_root / "skip" / "model.safetensors").is_file()
+    assert f"{len(planted)} problem(s) in the folder data; --skip-bad leaves them out" in output
+    left_out = [line for line in output.splitlines() if line.startswith("--skip-bad: left out")]
+    assert len(left_out) == len(CORPUS_TRUNCATED)
+    for name in CORPUS_TRUNCATED:
+        assert any(str(root / name) in line for line in left_out), left_out
+    summary = json.loads((runs_root / "skip" / "summary.json").read_text())
+    assert summary["steps"] == 3
+
+
+def test_skip_bad_run_with_a_truncated_test_image_evaluates_without_a_traceback(corpus_runs):
+    """The feature cache decodes only train and val: a truncated test image must still be
+    reported (or left out) cleanly, not crash the evaluation after training."""
+    _, _, _, runs_root, results = corpus_runs
+    rc, stdout, stderr = results["evaluated"]
+    output = stdout + stderr
+    assert "Traceback" not in output, output[-3000:]
+    assert rc == 0, output[-3000:]
+    assert "cut.jpg" in output, "the truncated test image is reported"
+    assert (runs_root / "evaluated" / "eval_test.json").is_file()
+
+
+# -----------------------------------------------------------------------------
+# a bad run folder, missing data or a bad value: one line, no traceback
+
+
+REFUSALS = {
+    "missing run folder": (["--resume", "/no/such/run"], "/no/such/run", False),
+    "folder that is not a run": (["--resume", "{empty}"], "{empty}", False),
+    "missing data folder": (
+        ["--vision", "{vision}", "--language", "{language}", "--data", "folder", "--data-dir", "/no/such/dir"]
+        + ["--out", "{out}"],
+        "/no/such/dir",
+        False,
+    ),
+}
+BAD_VALUES = {"explained": (["--batch-size", "0"], "--batch-size"), "self_attention": (["--lr", "-1"], "--lr")}
+
+
+@pytest.fixture(scope="module")
+def training_refusals(vision_dir, language_dir, duocap_cache, tmp_path_factory):
+    """Both training scripts, each case in a fresh process, all started at once."""
+    started = {}
+    for variant, script in TRAIN_SCRIPTS.items():
+        args, option = BAD_VALUES[variant]
+        cases = {**REFUSALS, "bad option value": (args + ["--out", "{out}"], option, True)}
+        paths = dict(
+            empty=tmp_path_factory.mktemp("not-a-run"),
+            vision=vision_dir,
+            language=language_dir,
+            out=tmp_path_factory.mktemp("refused") / "run",
+        )
+        started[variant] = start_refusals(script, cases, duocap_cache, **paths)
+    return started
+
+
+@pytest.mark.parametrize("case", [*REFUSALS, "bad option value"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_training_scripts_refuse_a_bad_run_folder_missing_data_or_a_bad_value_in_one_line(
+    training_refusals, variant, case
+):
+    assert_refused(*training_refusals[variant][case])
