@@ -22,6 +22,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
 import transformers
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -106,6 +107,48 @@ def quick_score(model, processor, tokenizer, records, device, **decode_kwargs):
     gts = plain_tokenize({i: [{"caption": c} for c in r.captions] for i, r in enumerate(records)})
     res = plain_tokenize({i: [{"caption": c}] for i, c in enumerate(captions)})
     return {"bleu4": Bleu(4).compute_score(gts, res, verbose=0)[0][3]}
+
+
+OBJECT_WORDS = re.compile(rf"\b({'|'.join(shapes.COLOURS)})\s+({'|'.join(shapes.SHAPES)})\b")
+
+
+@torch.no_grad()
+def attention_on_objects(model, processor, tokenizer, records, device="cpu", max_new_tokens=33):
+    """How much of each object word's attention falls on that object's patches, as a number.
+
+    For each shapes image the greedy caption is generated; for every shape word that names
+    one of the scene's objects (by colour and shape), the attention of the position that
+    produced it (model.image_attention) is summed over the patches the object covers. Returns
+    the mean of that share over all such words, and the mean share of the image those patches
+    make up: what attention spread evenly would give."""
+    eos = tokenizer.eos_token_id
+    shares, areas = [], []
+    for r in records:
+        pixels = processor(images=[data.read_image(r.image)], return_tensors="pt")["pixel_values"].to(device)
+        state = model.encode_images(pixel_values=pixels)
+        tokens = decoding.decode(model, state, eos, max_new_tokens)[0]
+        if not tokens:
+            continue
+        weights = model.image_attention(state, torch.tensor([[eos] + tokens[:-1]], device=device))[0]  # [T, P]
+        grid = int(weights.shape[-1] ** 0.5)
+        ends = [len(tokenizer.decode(tokens[: k + 1])) for k in range(len(tokens))]  # where each token's text ends
+        text = tokenizer.decode(tokens)
+        named = {(o["colour"], o["shape"]): mask for o, mask in zip(r.meta["objects"], shapes.object_masks(r.meta))}
+        for match in OBJECT_WORDS.finditer(text):
+            mask = named.get(match.groups())
+            if mask is None:
+                continue
+            k = next(k for k, end in enumerate(ends) if end >= match.end(2))  # the token completing the shape word
+            cell = mask.shape[0] // grid
+            covered = torch.from_numpy(mask.reshape(grid, cell, grid, cell).any((1, 3)).reshape(-1)).to(device)
+            shares.append(float(weights[k][covered].sum()))
+            areas.append(float(covered.float().mean()))
+    n = len(shares)
+    return {
+        "object_words": n,
+        "attention_on_object": sum(shares) / n if n else None,
+        "object_area": sum(areas) / n if n else None,
+    }
 
 
 def mirrored_captions(model, processor, tokenizer, records, batch_size, device, **decode_kwargs):
