@@ -195,3 +195,24 @@ def test_decoding_runs_the_lm_head_on_one_position_per_row(make_model, splits, v
     # the image prefix of the self-attention variant is in the sequence, yet gets no logits
     if variant == "self_attention":
         assert model.prefix_len(state) == 16
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_weight_decay_falls_on_trainable_matrices_only(make_model, variant):
+    model, _, _, _ = make_model(variant)
+    decay, no_decay = model.parameter_groups(0.01)
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | spared == trainable and not decayed & spared
+    embeddings = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    norms = {n for n, m in model.named_modules() if "norm" in type(m).__name__.lower()}
+    for n in trainable:
+        is_norm = n.rsplit(".", 1)[0] in norms
+        if n.endswith(".bias") or n in embeddings or is_norm:
+            assert n in spared, f"{n} must not be decayed"
+        else:
+            assert n in decayed and dict(model.named_parameters())[n].ndim == 2, n
+    assert any("modality" in n for n in spared) and any("adapter.0.weight" == n for n in decayed)

@@ -2,12 +2,14 @@
 greedy misses, reduces to greedy with one beam, and neither the KV cache nor the batch changes what
 it finds."""
 
+import argparse
 import itertools
 import math
 
 import pytest
 import torch
 
+import decoding
 from conftest import VARIANTS, perturb, pixels_for
 from decoding import batch_size_of, decode, index_state, pick_token
 
@@ -399,3 +401,11 @@ def test_beam_search_returns_the_best_normalised_caption_when_short_beams_finish
     assert found == [expected], f"length penalty {length_penalty}: beam search found {found}, the best is {expected}"
     if length_penalty >= 1.0:
         assert expected == [A2, F2, H2], "the long caption must be the best one for this test to mean anything"
+
+
+def test_generated_length_follows_the_run_unless_given():
+    parser = argparse.ArgumentParser()
+    decoding.add_options(parser, strategy="greedy")
+    config = {"max_caption_tokens": 40}
+    assert decoding.options(parser.parse_args([]), config)["max_new_tokens"] == 41, "caption + EOS, as trained"
+    assert decoding.options(parser.parse_args(["--max-new-tokens", "7"]), config)["max_new_tokens"] == 7

@@ -4,6 +4,7 @@ accumulation update the weights exactly as one process with the same global batc
 training (SIGKILL mid-epoch, SIGTERM, a torchrun job killed) resumes to the uninterrupted weights;
 bad data is listed or left out; and a bad run folder, missing data or a bad value is refused in one line."""
 
+import datetime
 import json
 import math
 import re
@@ -583,3 +584,17 @@ def test_training_scripts_refuse_a_bad_run_folder_missing_data_or_a_bad_value_in
     training_refusals, variant, case
 ):
     assert_refused(*training_refusals[variant][case])
+
+
+def test_the_process_group_timeout_is_the_flag(monkeypatch):
+    """Under torchrun the process group gets --dist-timeout, not NCCL's 10 minutes, which rank 0
+    alone encoding a large image set would overrun."""
+    seen = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, timeout: seen.update(b=backend, t=timeout))
+    monkeypatch.setattr(train.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(train.dist, "get_world_size", lambda: 2)
+    args = train.parse_args("explained", ["--dist-timeout", "90"])
+    assert train.init_distributed(args.dist_timeout) == (0, 2, "cpu")
+    assert seen == {"b": "gloo", "t": datetime.timedelta(minutes=90)}
