@@ -34,6 +34,7 @@ import torch
 import transformers
 
 import data
+import skills
 import stats
 import train
 from decoding import decode, positive_int
@@ -43,17 +44,6 @@ from runs import RunError, load_run, read_config
 
 COLOURS = {"explained": "tab:blue", "self_attention": "tab:orange"}
 ORDER = ("explained", "self_attention")  # the difference is reported as the first minus the second
-SKILLS = (
-    "objects",
-    "objects_with_size",
-    "colour",
-    "shape",
-    "size",
-    "axis",
-    "direction",
-    "direction_given_axis",
-    "flip_consistency",
-)
 CATEGORY_SKILLS = ("objects", "direction", "flip_consistency")
 CORPUS = ("BLEU-4", "METEOR", "ROUGE_L", "CIDEr")
 SUMMARY = ("train_time_s", "s_per_step", "train_flops", "final_val_loss")
@@ -251,7 +241,7 @@ def table_rows(groups, evals, split):
     rows = []
     shapes_data = all("skills" in e for runs in evals.values() for e in runs.values())
     if shapes_data:
-        rows += [(k, *image_metric(groups, split, k)) for k in SKILLS]
+        rows += [(k, *image_metric(groups, split, k)) for k in skills.FIGURES]
         for category in ("single", "pair_two_colours", "pair_one_colour"):
             rows += [(f"{k} ({category})", *image_metric(groups, split, k, category)) for k in CATEGORY_SKILLS]
         if all((r / "predictions_compositional.jsonl").is_file() for runs in groups.values() for r in runs):
