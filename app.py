@@ -377,6 +377,7 @@ PAGE = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>duocap</title>
 <style>
+  * { box-sizing: border-box; }
   body { font: 15px/1.45 system-ui, sans-serif; margin: 0; color: #1d1d1f; background: #f5f5f7; }
   header { padding: 14px 24px; background: #1d1d1f; color: #fff; }
   header h1 { display: inline; font-size: 20px; margin-right: 14px; }
@@ -388,19 +389,19 @@ PAGE = """<!doctype html>
   #drop.over { border-color: #0a66c2; background: #eef5fc; }
   #examples { display: flex; flex-wrap: wrap; gap: 6px; margin: 10px 0 4px; }
   #examples img { width: 44px; height: 44px; object-fit: cover; border-radius: 4px; cursor: pointer;
-                  image-rendering: pixelated; border: 2px solid transparent; }
+                  image-rendering: pixelated; border: 2px solid #e2e2e2; background: #fff; }
   #examples img:hover { border-color: #0a66c2; }
   form { display: grid; grid-template-columns: auto 1fr; gap: 6px 10px; align-items: center; margin-top: 14px; }
   form button { grid-column: 1 / 3; padding: 8px; font-size: 15px; }
   input:disabled { opacity: .4; }
   #error { color: #b00020; background: #fdecee; border-radius: 6px; padding: 8px 10px; white-space: pre-wrap; }
   #results { display: flex; flex-wrap: wrap; gap: 20px; align-content: flex-start; }
-  .card { width: 320px; }
+  .card { width: 340px; }
   .card h2 { font-size: 16px; margin: 0 0 8px; }
   .frame { position: relative; line-height: 0; }
   .frame img { width: 100%; border-radius: 6px; }
   .frame canvas { position: absolute; left: 0; top: 0; width: 100%; height: 100%; pointer-events: none; }
-  .caption { font-size: 18px; margin: 10px 0 4px; }
+  .caption { font-size: 18px; margin: 10px 0 4px; overflow-wrap: anywhere; }
   .caption span { cursor: pointer; border-radius: 3px; padding: 0 1px; }
   .caption span:hover { background: #e3eefb; }
   .caption span.active { background: #ffd54f; }
@@ -513,6 +514,7 @@ function render(answer) {
         text.querySelectorAll(".active").forEach((s) => s.classList.remove("active"));
         word.classList.add("active");
         drawHeat(canvas, img, run.attention[t], run.grid, run.crop);
+        card.querySelector(".hint").textContent = `Where it looked as it wrote “${word.textContent}”: brighter is more attention.`;
       };
       text.append(word);
     });
