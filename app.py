@@ -215,7 +215,10 @@ class RunWorker:
 
     def serve(self):
         while True:
-            jobs = self.next_batch()
+            # a request whose client has gone was cancelled: it is dropped, not decoded
+            jobs = [job for job in self.next_batch() if job.future.set_running_or_notify_cancel()]
+            if not jobs:
+                continue
             try:
                 results = self.caption(jobs)
             except Exception as e:  # each waiting request gets the error; the worker carries on

@@ -259,6 +259,15 @@ def test_concurrent_requests_with_the_same_settings_share_one_batch(runs, splits
                                                 strategy="beam", beams=2)[0]
 
 
+def test_a_cancelled_request_is_dropped_and_the_rest_of_its_batch_decoded(runs, splits):
+    worker = app.RunWorker(runs[0], batch_size=4, max_wait_s=0.5)
+    image = data.read_image(splits["test"][0].image)
+    kept, dropped = worker.submit(image, app.Decoding()), worker.submit(image, app.Decoding())
+    assert dropped.cancel()  # its batch is still waiting for company
+    assert kept.result(timeout=60).batch_size == 1
+    assert worker.submit(image, app.Decoding()).result(timeout=60).caption == kept.result().caption
+
+
 def test_without_batching_each_request_is_decoded_alone(runs, splits):
     worker = app.RunWorker(runs[0], batch_size=1, max_wait_s=0.5)
     image = data.read_image(splits["test"][0].image)
