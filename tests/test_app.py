@@ -5,7 +5,8 @@ real browser (headless Chromium driven by Selenium) against the real server.
 
 The browser test uses the tiny trained runs of the fixtures; DUOCAP_APP_RUNS
 ("RUN_A RUN_B") points it at other runs (the demo ones, for the README), and
-DUOCAP_SCREENSHOT=docs/app.png keeps its screenshot there.
+DUOCAP_SCREENSHOT=docs/app.png keeps its screenshot there (else it goes to a
+temporary folder).
 """
 import io
 import json
@@ -277,9 +278,9 @@ def test_without_batching_each_request_is_decoded_alone(runs, splits):
 
 # --- the page in a real browser -----------------------------------------------------------
 
-def browser_runs(runs):
+def browser_runs(request):
     named = os.environ.get("DUOCAP_APP_RUNS")
-    return [Path(p) for p in named.split()] if named else runs
+    return [Path(p).resolve() for p in named.split()] if named else request.getfixturevalue("runs")
 
 
 def start_generate(runs, images, cache):
@@ -316,9 +317,9 @@ def chrome():
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
-def test_the_page_captions_an_upload_like_generate_and_shows_attention(runs, duocap_cache, tmp_path):
+def test_in_a_browser_the_page_captions_like_generate_and_shows_attention(request, duocap_cache, tmp_path):
     from selenium.webdriver.common.by import By
-    runs = browser_runs(runs)
+    runs = browser_runs(request)
     config = json.loads((runs[0] / "config.json").read_text())
     images = [str(r.image) for r in data.splits_for(config, strict=False)["test"][:6]]
     driver = chrome()
@@ -331,10 +332,16 @@ def test_the_page_captions_an_upload_like_generate_and_shows_attention(runs, duo
             assert image, f"every test image got an empty caption from some run: {expected}"
             driver.get(server.url)
             wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#examples img"), 20, server)
+            (tmp_path / "notes.txt").write_text("not a picture")
+            driver.find_element(By.ID, "file").send_keys(str(tmp_path / "notes.txt"))
+            error = wait_for(driver, lambda d: d.find_element(By.ID, "error").is_displayed()
+                             and d.find_element(By.ID, "error").text, 20, server)
+            assert error.startswith("notes.txt: not an image file")
             driver.find_element(By.ID, "file").send_keys(image)
             cards = wait_for(driver, lambda d: (d.find_elements(By.CSS_SELECTOR, ".card .caption span")
                                                 and d.find_elements(By.CSS_SELECTOR, ".card")), 30, server)
             assert len(cards) == len(runs)
+            assert not driver.find_element(By.ID, "error").is_displayed()
             shown = [card.find_element(By.CSS_SELECTOR, ".caption").text for card in cards]
             assert shown == [expected[run][image] for run in runs]
 
