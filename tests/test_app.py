@@ -23,7 +23,7 @@ from PIL import Image
 import app
 import data
 from bench_app import Server
-from conftest import REPO, TRAIN_SCRIPTS, Script, StartedRun, script_env
+from conftest import TRAIN_SCRIPTS, Script, StartedRun, script_env
 from evaluate import caption_images
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
