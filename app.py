@@ -18,6 +18,7 @@ import collections
 import concurrent.futures
 import io
 import math
+import os
 import platform
 import queue
 import threading
@@ -356,12 +357,16 @@ def parse_args(argv=None):
     p.add_argument("--max-upload-mb", type=float, default=10.0)
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse images with more pixels than this")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int,
+                   help="torch threads (default: the CPU cores shared out among the runs, at least 1)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     batch_size = 1 if args.no_batching else args.batch_size
+    # every run decodes on a thread of its own, in parallel: more threads each would oversubscribe the cores
+    torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0)) // len(args.runs)))
     workers = []
     for run_dir in args.runs:
         try:
@@ -400,7 +405,7 @@ PAGE = """<!doctype html>
   #error { color: #b00020; background: #fdecee; border-radius: 6px; padding: 8px 10px; white-space: pre-wrap; }
   #results { display: flex; flex-wrap: wrap; gap: 20px; align-content: flex-start; }
   .card { width: 340px; }
-  .card h2 { font-size: 16px; margin: 0 0 8px; }
+  .card h2 { font-size: 15px; margin: 0 0 8px; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
   .frame { position: relative; line-height: 0; }
   .frame img { width: 100%; border-radius: 6px; }
   .frame canvas { position: absolute; left: 0; top: 0; width: 100%; height: 100%; pointer-events: none; }
@@ -504,7 +509,7 @@ function render(answer) {
     card.dataset.variant = run.variant;
     card.innerHTML = `<h2></h2><div class="frame"><img alt=""><canvas hidden></canvas></div>
       <p class="caption"></p><p class="meta"></p><p class="hint">Click a word to see where this variant looked.</p>`;
-    card.querySelector("h2").textContent = run.run;
+    card.querySelector("h2").textContent = card.querySelector("h2").title = run.run;
     const img = card.querySelector("img"), canvas = card.querySelector("canvas");
     img.onload = () => { if (img.naturalWidth < 160) img.style.imageRendering = "pixelated"; };
     img.src = imageUrl;
