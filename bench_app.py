@@ -13,6 +13,7 @@ import argparse
 import concurrent.futures
 import itertools
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -120,6 +121,7 @@ def percentile(values, q):
 
 
 def measure(runs, options, n_requests, n_clients):
+    load = os.getloadavg()[0]  # other work on the machine slows both modes: say how much there was
     with Server(runs, *options) as server:
         images = server_images(server.url)
         send(server.url, images, 4 * n_clients, n_clients)  # warm-up: every batch size, allocator settled
@@ -135,7 +137,7 @@ def measure(runs, options, n_requests, n_clients):
     return {"requests": len(results), "failed": len(failures), "failures": failures[:5], "seconds": seconds,
             "requests_per_s": len(ok) / seconds, "p50_ms": percentile(latencies, 50),
             "p99_ms": percentile(latencies, 99), "mean_batch_size": sum(batches) / max(len(batches), 1),
-            "rss_after_warmup_mb": rss_warm, "rss_end_mb": rss_end}
+            "rss_after_warmup_mb": rss_warm, "rss_end_mb": rss_end, "load_average_before": load}
 
 
 def main(argv=None):
@@ -146,13 +148,14 @@ def main(argv=None):
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args(argv)
     modes = {"batched": [], "no_batching": ["--no-batching"]}
-    figures = {"clients": args.clients, "runs": args.runs}
+    figures = {"clients": args.clients, "runs": args.runs, "cpus": os.cpu_count()}
     for mode, options in modes.items():
         print(f"{mode}: {args.requests} greedy requests from {args.clients} clients ...", flush=True)
         figures[mode] = m = measure(args.runs, options, args.requests, args.clients)
         print(f"  {m['failed']} failed, {m['requests_per_s']:.1f} requests/s, p50 {m['p50_ms']:.0f} ms, "
               f"p99 {m['p99_ms']:.0f} ms, mean batch {m['mean_batch_size']:.1f}, server RSS "
-              f"{m['rss_after_warmup_mb']:.0f} MB after warm-up, {m['rss_end_mb']:.0f} MB at the end")
+              f"{m['rss_after_warmup_mb']:.0f} MB after warm-up, {m['rss_end_mb']:.0f} MB at the end "
+              f"(machine load average {m['load_average_before']:.1f} before)")
         for failure in m["failures"]:
             print(f"  failed: {failure}")
     figures["speedup"] = figures["batched"]["requests_per_s"] / figures["no_batching"]["requests_per_s"]
