@@ -375,8 +375,8 @@ def main(argv=None):
     for run_dir in args.runs:
         try:
             workers.append(RunWorker(run_dir, batch_size, args.max_wait_ms / 1000, args.device))
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"cannot load {run_dir}: {e}")
+        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: torch refusing --device
+            raise SystemExit(f"cannot load {run_dir} on {args.device}: {e}")
         print(f"loaded {workers[-1].label} from {run_dir}")
     app = create_app(workers, args.max_upload_mb, args.max_pixels, example_records(workers))
     uvicorn.run(app, host=args.host, port=args.port)
