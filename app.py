@@ -53,7 +53,8 @@ class Decoding(BaseModel):
     strategy: Literal["greedy", "top-k", "top-p", "beam"] = "greedy"
     temperature: float = Field(1.0, gt=0, description="top-k and top-p: divides the logits")
     top_k: int = Field(50, ge=1, description="top-k: sample among this many most likely tokens")
-    top_p: float = Field(0.9, gt=0, le=1, description="top-p: sample among the most likely tokens that reach this probability")
+    top_p: float = Field(0.9, gt=0, le=1,
+                         description="top-p: sample among the most likely tokens that reach this probability")
     beams: int = Field(4, ge=1, le=16, description="beam: captions kept at each step")
     max_new_tokens: int = Field(30, ge=1, le=100, description="the longest caption, in tokens")
 
@@ -526,13 +527,15 @@ function render(answer) {
         text.querySelectorAll(".active").forEach((s) => s.classList.remove("active"));
         word.classList.add("active");
         drawHeat(canvas, img, run.attention[t], run.grid, run.crop);
-        card.querySelector(".hint").textContent = `Where it looked as it wrote “${word.textContent}”: brighter is more attention.`;
+        card.querySelector(".hint").textContent =
+          `Where it looked as it wrote “${word.textContent}”: brighter is more attention.`;
       };
       text.append(word);
     });
     if (!run.tokens.length) text.textContent = "(empty caption)";
     card.querySelector(".meta").textContent =
-      `${(run.seconds * 1000).toFixed(0)} ms` + (run.batch_size > 1 ? ` · decoded in a batch of ${run.batch_size}` : "");
+      `${(run.seconds * 1000).toFixed(0)} ms` +
+      (run.batch_size > 1 ? ` · decoded in a batch of ${run.batch_size}` : "");
     results.append(card);
   }
 }
@@ -556,8 +559,9 @@ function drawHeat(canvas, img, weights, grid, crop) {
     for (let c = 0; c < cols; c++) {
       ctx.fillStyle = colour(weights[r * cols + c] / top);
       // whole pixels, so neighbouring cells leave no seams
-      const x0 = Math.round(crop[0] * w + c * cellW), y0 = Math.round(crop[1] * h + r * cellH);
-      ctx.fillRect(x0, y0, Math.round(crop[0] * w + (c + 1) * cellW) - x0, Math.round(crop[1] * h + (r + 1) * cellH) - y0);
+      const x0 = Math.round(crop[0] * w + c * cellW), x1 = Math.round(crop[0] * w + (c + 1) * cellW);
+      const y0 = Math.round(crop[1] * h + r * cellH), y1 = Math.round(crop[1] * h + (r + 1) * cellH);
+      ctx.fillRect(x0, y0, x1 - x0, y1 - y0);
     }
 }
 
