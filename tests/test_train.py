@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from corpora import (
     COCO_TRAIN,
     COCO_VAL,
@@ -116,6 +117,73 @@ def test_a_non_finite_loss_leaves_the_weights_untouched(make_model, splits):
     loss, grad_norm, ok = train.train_step(model, [batch], optimizer, scheduler, scaler, params, config)
     assert ok and torch.isfinite(loss)
     assert not torch.equal(model.adapter[1].weight, before["adapter.1.weight"])
+
+
+def mean_token_cross_entropy(model, batch):
+    """The mean cross-entropy over every caption token of a batch, from the LM's full logits with
+    F.cross_entropy: written here apart from the model's own loss (its chunked LM head and sum)."""
+    state = model.encode_images(pixel_values=batch["pixel_values"])
+    P = model.prefix_len(state)
+    mask = batch["attention_mask"]
+    mask = torch.cat([mask.new_ones(mask.shape[0], P), mask], 1)
+    logits = model.lm(inputs_embeds=model.embed(state, batch["input_ids"], 0), attention_mask=mask).logits[:, P:]
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=-100)
+
+
+def as_rank(monkeypatch, world, global_tokens, global_loss_sum):
+    """What torch.distributed shows train_step on one of `world` ranks: the world size, and
+    all-reduce sums (the token count first, then the summed loss) of the whole global batch.
+    The gradient stays local: DistributedDataParallel's average over ranks is the caller's."""
+    totals = [global_tokens, global_loss_sum]
+    monkeypatch.setattr(train, "distributed", lambda: True)
+    monkeypatch.setattr(train.dist, "get_world_size", lambda: world)
+    monkeypatch.setattr(train.dist, "all_reduce", lambda tensor, op=None: tensor.copy_(totals.pop(0)))
+
+
+@pytest.mark.parametrize("plan", ["single", "accum", "ddp"])
+def test_the_step_gradient_is_the_mean_token_cross_entropy_of_the_global_batch(make_model, splits, monkeypatch, plan):
+    """One optimizer step's gradient (before clipping) and loss are those of the mean cross-entropy
+    over every caption token of the global batch of 8, however it is split: one batch, 2 micro-batches
+    of 4, or 2 ranks of 4. This is the loss scale, which AdamW (invariant to it) and clipping hide
+    from a comparison of the weights after a step."""
+    model, processor, tokenizer, config = make_model("explained")
+    model.train()
+    records = splits["train"][:8]
+    halves = [batch_for(processor, tokenizer, records[:4]), batch_for(processor, tokenizer, records[4:])]
+    tokens = [int((b["targets"] != -100).sum()) for b in halves]
+    assert tokens[0] != tokens[1], "halves of unequal token counts tell the global mean from a mean of means"
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected_loss = mean_token_cross_entropy(model, batch_for(processor, tokenizer, records))
+    expected = torch.autograd.grad(expected_loss, params)
+    expected_norm = torch.cat([g.flatten() for g in expected]).norm()
+
+    # the gradient as it reaches clipping, the norm train_step returns, and the loss
+    seen = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(
+        torch.nn.utils, "clip_grad_norm_", lambda ps, m: seen.append([p.grad.clone() for p in ps]) or clip(ps, m)
+    )
+    _, optimizer, scheduler, scaler = training_parts(model, torch.optim.SGD, lr=0.0)
+    if plan == "ddp":  # two ranks of 4, simulated in this process
+        results = []
+        for rank in range(2):
+            with monkeypatch.context() as m:
+                as_rank(m, 2, sum(tokens), expected_loss.detach() * sum(tokens))
+                results.append(train.train_step(model, [halves[rank]], optimizer, scheduler, scaler, params, config))
+        # DistributedDataParallel averages the ranks' gradients in the backward pass
+        gradient = [(a + b) / 2 for a, b in zip(*seen)]
+        losses = [loss for loss, _, _ in results]
+    else:
+        micro_batches = halves if plan == "accum" else [batch_for(processor, tokenizer, records)]
+        loss, grad_norm, ok = train.train_step(model, micro_batches, optimizer, scheduler, scaler, params, config)
+        assert ok
+        (gradient,) = seen
+        losses = [loss]
+        torch.testing.assert_close(grad_norm, expected_norm, rtol=1e-5, atol=0)
+    for got, want in zip(gradient, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * expected_norm.item())
+    for loss in losses:
+        torch.testing.assert_close(loss, expected_loss.detach(), rtol=1e-5, atol=0)
 
 
 # -----------------------------------------------------------------------------
