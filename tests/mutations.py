@@ -205,7 +205,7 @@ def scratch_copy(dest):
 
 
 def run_tests(root, tests, timeout):
-    """(pytest exit status, names of the failed tests, seconds, output tail)."""
+    """(pytest exit status, names of the failed tests with the first error line, seconds, output tail)."""
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     env.pop("DUOCAP_CACHE", None)  # conftest gives the session a private cache
     t0 = time.time()
@@ -222,6 +222,9 @@ def run_tests(root, tests, timeout):
         return None, [], time.time() - t0, f"timed out after {timeout}s"
     output = proc.stdout + proc.stderr
     failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
+    first_error = re.search(r"^E +(.+)$", output, re.M)
+    if first_error:
+        failed.append(f"[{first_error.group(1).strip()[:160]}]")
     return proc.returncode, failed, time.time() - t0, output[-2000:]
 
 

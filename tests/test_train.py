@@ -191,7 +191,7 @@ def test_the_step_gradient_is_the_mean_token_cross_entropy_of_the_global_batch(m
 
 
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-COMMON = ["--epochs", "1", "--max-steps", "3", "--no-eval", "--save-every", "0"]
+COMMON = ["--epochs", "1", "--max-steps", "3", "--no-eval", "--save-every", "0", "--log-every", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -216,15 +216,25 @@ def max_difference(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def assert_same_gradient_norms(root, run):
+    """The gradient norms (before clipping) logged at every step equal the single process's: the
+    loss scale, which the weights after AdamW do not show."""
+    norms = {
+        name: {m["step"]: m["grad_norm"] for m in read_jsonl(root / name / "metrics.jsonl") if "grad_norm" in m}
+        for name in ("single", run)
+    }
+    assert sorted(norms["single"]) == [1, 2, 3], norms
+    assert norms[run] == pytest.approx(norms["single"], rel=1e-5, abs=0)
+
+
 def test_torchrun_two_ranks_match_one_process_with_the_global_batch(ddp_runs):
     root, outputs = ddp_runs
     single, ddp = (
         load_file(str(root / "single" / "model.safetensors")),
         load_file(str(root / "ddp" / "model.safetensors")),
     )
-    initial_gap = max_difference(single, {k: torch.zeros_like(v) for k, v in single.items()})
-    assert initial_gap > 0
     assert max_difference(single, ddp) < 1e-5
+    assert_same_gradient_norms(root, "ddp")
     assert "global batch 8 = 4 per rank x 1 accumulation steps x 2 rank(s)" in outputs["ddp"]
     # the feature cache was extracted in two shards, one per rank, into one file per split
     n_train = 64
@@ -240,6 +250,7 @@ def test_gradient_accumulation_matches_one_big_batch(ddp_runs):
         load_file(str(root / "accum" / "model.safetensors")),
     )
     assert max_difference(single, accum) < 1e-5
+    assert_same_gradient_norms(root, "accum")
     assert "global batch 8 = 4 per rank x 2 accumulation steps x 1 rank(s)" in outputs["accum"]
 
 
