@@ -292,8 +292,6 @@ def test_evaluate_run_writes_figures_that_its_predictions_reproduce(trained_mode
     saved = json.loads((tmp_path / "eval_test.json").read_text())
     assert saved == json.loads(json.dumps(figures))
     assert saved["split"] == "test" and saved["n_images"] == len(splits["test"])
-    for k in METRICS + ["attribute_accuracy", "blind_attribute_accuracy", "relation_accuracy", "exact_match"]:
-        assert isinstance(saved[k], (int, float)), k
     assert saved["SPICE"] is None and any("SPICE" in n for n in saved["notes"])
     assert "compositional" in saved
 
