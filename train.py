@@ -508,17 +508,29 @@ class Training:
             )
         barrier()
 
+    def count_flops(self, micro_batches):
+        """The FLOPs of a step's forward and backward passes, counted by torch's FlopCounterMode in a
+        pass of their own (on the plain module: no all-reduce). Not during the step: under the mode
+        the backward pass rounds differently, and a resumed run, which meets batch shapes for the
+        first time at other steps, would then not repeat the uninterrupted run bit for bit."""
+        with FlopCounterMode(display=False) as counter:
+            for batch in micro_batches:
+                batch = {k: v.to(self.config["device"], non_blocking=True) for k, v in batch.items()}
+                with autocast(self.config):
+                    loss_sum = self.model(**batch, reduction="sum")
+                loss_sum.backward()
+        self.model.zero_grad(set_to_none=True)
+        return counter.get_total_flops()
+
     def step(self, micro_batches, log, t_start):
         """One optimizer step; a non-finite one is skipped, and too many in a row stop the run. Its
-        FLOPs are counted by torch's FlopCounterMode the first time a batch shape comes up."""
+        FLOPs are counted the first time a batch shape comes up."""
         shape = tuple(tuple(b["input_ids"].shape) for b in micro_batches)
-        counting = FlopCounterMode(display=False) if shape not in self.flops_by_shape else contextlib.nullcontext()
-        with counting:
-            self.loss, grad_norm, ok = train_step(
-                self.trainer, micro_batches, self.optimizer, self.scheduler, self.scaler, self.params, self.config
-            )
         if shape not in self.flops_by_shape:  # every rank does the same work on its own rows
-            self.flops_by_shape[shape] = counting.get_total_flops() * self.world
+            self.flops_by_shape[shape] = self.count_flops(micro_batches) * self.world
+        self.loss, grad_norm, ok = train_step(
+            self.trainer, micro_batches, self.optimizer, self.scheduler, self.scaler, self.params, self.config
+        )
         p = self.progress
         p.update(step=p["step"] + 1, position=p["position"] + 1, time_s=time.time() - t_start)
         p["flops"] += self.flops_by_shape[shape]

@@ -1,13 +1,16 @@
 """Training-state checkpoints hold data only (safetensors and JSON), the last --keep of them, and
-nothing in the repository can unpickle."""
+nothing in the repository can unpickle; loading one restores the torch, Python and NumPy generators."""
 
 import json
+import random
 import re
 
+import numpy as np
+import torch
 from safetensors.torch import load_file
 
 import checkpoints
-from conftest import REPO
+from conftest import REPO, kept_rng, training_parts
 
 
 def assert_data_only(run):
@@ -53,3 +56,33 @@ def test_no_top_level_script_can_unpickle():
         if LOADS_DATA.search(line)
     ]
     assert hits == []
+
+
+def draws():
+    """The next numbers of torch's, Python's and NumPy's generators; gauss and randn too, whose
+    generators keep a second normal value between calls (part of the state to save)."""
+    return (
+        torch.rand(4).tolist(),
+        torch.randn(3).tolist(),
+        [random.random(), random.gauss(0, 1)],
+        np.random.rand(3).tolist() + [np.random.randn()],
+    )
+
+
+def test_a_checkpoint_restores_the_rng_states(make_model, tmp_path):
+    """A resumed run draws what the interrupted one would have drawn next: save, disturb every
+    generator, load, and the next numbers are those drawn right after saving."""
+    model, *_ = make_model("explained")
+    _, optimizer, scheduler, scaler = training_parts(model)
+    with kept_rng():
+        torch.manual_seed(1), random.seed(2), np.random.seed(3)
+        random.gauss(0, 1), np.random.randn()  # a second normal value is held in each
+        path = checkpoints.save(tmp_path, model, optimizer, scheduler, scaler, {"step": 7, "epoch": 0, "position": 7})
+        expected = draws()
+        torch.manual_seed(4), random.seed(5), np.random.seed(6)
+        disturbed = draws()
+        for generator, (a, b) in enumerate(zip(disturbed, expected)):
+            assert a != b, f"disturbing generator {generator} changed nothing: the check below could not fail"
+        progress = checkpoints.load(path, model, optimizer, scheduler, scaler)
+        assert draws() == expected
+    assert progress["step"] == 7

@@ -20,6 +20,7 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 import data
 import evaluate
 import shapes
+import skills
 import train
 from conftest import assert_refused, loader_for, pixels_for, start_refusals, training_parts
 from data import Record
@@ -267,16 +268,17 @@ def test_shapes_figures_on_hand_built_records():
 
 @pytest.fixture(scope="module")
 def trained_model(make_model, splits):
-    """The tiny explained model after a couple of seconds of training on the shapes captions, so that
-    its captions are words that partly match the references (a random one writes control bytes)."""
+    """The tiny explained model after a few seconds of training on the shapes captions, so that its
+    captions are words that partly match the references (a random one writes control bytes) and,
+    on the images it was trained on, name the objects far more often than chance."""
     model, processor, tokenizer, config = make_model("explained", seed=1)
     records = splits["train"]
     features = model.image_features(pixels_for(processor, records))
     config = dict(config, batch_size=32)
-    params, optimizer, scheduler, scaler = training_parts(model, lr=3e-3)
+    params, optimizer, scheduler, scaler = training_parts(model, lr=7e-3)
     n_rows = sum(len(r.captions) for r in records)
     model.train()
-    for epoch in range(6):
+    for epoch in range(15):
         order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(epoch)).tolist()
         for batch in loader_for(records, features, processor, tokenizer, config, order):
             train.train_step(model, [batch], optimizer, scheduler, scaler, params, config)
@@ -290,8 +292,6 @@ def test_evaluate_run_writes_figures_that_its_predictions_reproduce(trained_mode
     saved = json.loads((tmp_path / "eval_test.json").read_text())
     assert saved == json.loads(json.dumps(figures))
     assert saved["split"] == "test" and saved["n_images"] == len(splits["test"])
-    for k in METRICS + ["attribute_accuracy", "blind_attribute_accuracy", "relation_accuracy", "exact_match"]:
-        assert isinstance(saved[k], (int, float)), k
     assert saved["SPICE"] is None and any("SPICE" in n for n in saved["notes"])
     assert "compositional" in saved
 
@@ -324,10 +324,32 @@ def test_evaluate_run_writes_figures_that_its_predictions_reproduce(trained_mode
         assert nested["exact_match"] == pytest.approx(
             sum(p["caption"] in p["references"] for p in predictions) / len(records)
         )
-        assert 0 <= nested["blind_attribute_accuracy"] <= 1
         # captions that differ between images and share words with the references: the check above can fail
         assert len({p["caption"] for p in predictions}) >= 2
         assert nested["BLEU-1"] > 0 and nested["METEOR"] > 0 and nested["CIDEr"] > 0
+
+
+def test_the_blind_control_captions_each_image_from_the_next_images_pixels(trained_model, splits):
+    """The blind figures are those of the next image's caption scored against each image's own
+    scene (shapes_figures is tested on its own above: here, which caption meets which scene), and
+    on the images the model was trained on they are far below the real ones: the captions come
+    from the image."""
+    model, processor, tokenizer = trained_model
+    records = splits["train"]
+    figures, predictions = evaluate.evaluate_split(
+        model, processor, tokenizer, records, "cpu", metrics=False, max_new_tokens=12
+    )
+    captions = [p["caption"] for p in predictions]
+    rotated = captions[1:] + captions[:1]  # image k scored by the caption of image k+1's pixels
+    expected = shapes_figures(records, rotated)
+    assert {k: figures[f"blind_{k}"] for k in expected} == pytest.approx(expected)
+    assert figures["blind_skills"] == skills.skill_figures(rotated, [r.meta for r in records])
+
+    truth = [shapes.scene_truth(r.meta)[0] for r in records]
+    named_right = sum(shapes.parse_objects(c) == t for c, t in zip(captions, truth))
+    named_right_blind = sum(shapes.parse_objects(c) == t for c, t in zip(rotated, truth))
+    assert figures["attribute_accuracy"] == pytest.approx(named_right / len(records))
+    assert named_right >= named_right_blind + 6, (named_right, named_right_blind)
 
 
 # -----------------------------------------------------------------------------

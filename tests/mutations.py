@@ -1,0 +1,318 @@
+"""
+Mutation testing: break a core property on purpose and check that some test notices.
+
+    python tests/mutations.py                 # every mutation
+    python tests/mutations.py loss-scale ...  # only these (names from --list)
+    python tests/mutations.py --list
+
+Each mutation is one textual replacement in one source file that must match exactly once
+(otherwise the code moved on and the mutation is reported as stale), and names the tests
+that guard the property (files, with a -k expression to keep the run short). The tracked
+files of the working tree are copied to a scratch folder once; each mutation is applied
+there, its tests run, and the file is put back. A mutation is caught when some test
+fails, survives when they all pass. The selected tests are first run once on the
+unmutated copy, so that a failure can be blamed on the mutation.
+
+Exits 0 only when every mutation was caught (none survived, none stale, none errored).
+Not collected by pytest (the file name does not start with test_). The whole list takes
+about 8 minutes on 2 CPU cores, most of it pytest starting up once per mutation.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Mutation:
+    name: str
+    what: str  # the property broken
+    file: str
+    old: str
+    new: str
+    tests: tuple  # pytest arguments: files, then optionally "-k", "expression"
+
+
+MUTATIONS = [
+    Mutation(
+        "loss-scale",
+        "the summed loss is no longer divided by the global token count",
+        "train.py",
+        "scaler.scale(loss_sum * world / n_tokens).backward()",
+        "scaler.scale(loss_sum * world).backward()",
+        ("tests/test_train.py", "-k", "gradient_is_the_mean"),
+    ),
+    Mutation(
+        "ddp-world-factor",
+        "no x world factor to undo DistributedDataParallel's averaging over ranks",
+        "train.py",
+        "scaler.scale(loss_sum * world / n_tokens).backward()",
+        "scaler.scale(loss_sum / n_tokens).backward()",
+        ("tests/test_train.py", "-k", "gradient_is_the_mean"),
+    ),
+    Mutation(
+        "ddp-world-factor-torchrun",
+        "the same, seen by real ranks: torchrun's logged gradient norms against one process's",
+        "train.py",
+        "scaler.scale(loss_sum * world / n_tokens).backward()",
+        "scaler.scale(loss_sum / n_tokens).backward()",
+        ("tests/test_train.py", "-k", "torchrun_two_ranks"),
+    ),
+    Mutation(
+        "eos-target",
+        "a caption that fits gets no EOS target",
+        "data.py",
+        "torch.tensor(toks if cut else toks + [eos], dtype=torch.long)",
+        "torch.tensor(toks if cut else toks + [-100], dtype=torch.long)",
+        ("tests/test_data.py", "-k", "encode_captions or truncated_caption"),
+    ),
+    Mutation(
+        "truncated-caption-eos",
+        "a caption cut at --max-caption-tokens is taught to stop there",
+        "data.py",
+        "cut = len(toks) > max_tokens",
+        "cut = False",
+        ("tests/test_data.py", "-k", "encode_captions or truncated_caption"),
+    ),
+    Mutation(
+        "kv-position-next-logits",
+        "a cached decoding step is placed one position too far",
+        "captioner.py",
+        "embeds = self.embed(state, new, T - new.shape[1])",
+        "embeds = self.embed(state, new, T - new.shape[1] + (cache is not None))",
+        ("tests/test_captioner.py", "tests/test_decoding.py", "-k", "cached or kv_cache"),
+    ),
+    Mutation(
+        "kv-position-self-attention",
+        "the self-attention variant's position offset after the image prefix is off by one",
+        "model_self_attention.py",
+        "first = 0 if start == 0 else state.shape[1] + start",
+        "first = 0 if start == 0 else state.shape[1] + start - 1",
+        ("tests/test_captioner.py", "tests/test_decoding.py", "-k", "cached or kv_cache"),
+    ),
+    Mutation(
+        "beam-reorder-cache",
+        "the KV cache rows are not reordered along with the beams",
+        "decoding.py",
+        "            cache.reorder_cache(origin)\n",
+        "            pass\n",
+        ("tests/test_decoding.py", "-k", "beam"),
+    ),
+    Mutation(
+        "beam-pool-ranking",
+        "the pool of finished hypotheses keeps its worst, not its best",
+        "decoding.py",
+        "pools[b] = sorted(pools[b], key=lambda h: h[0], reverse=True)[:N]",
+        "pools[b] = sorted(pools[b], key=lambda h: h[0])[:N]",
+        ("tests/test_decoding.py", "-k", "beam"),
+    ),
+    Mutation(
+        "rng-restore-torch",
+        "resuming does not restore torch's generator",
+        "checkpoints.py",
+        '    torch.set_rng_state(tensors["rng.torch"])\n',
+        "",
+        ("tests/test_checkpoints.py", "-k", "rng"),
+    ),
+    Mutation(
+        "rng-restore-python",
+        "resuming does not restore Python's generator",
+        "checkpoints.py",
+        "    random.setstate((version, tuple(internal), gauss))\n",
+        "",
+        ("tests/test_checkpoints.py", "-k", "rng"),
+    ),
+    Mutation(
+        "rng-restore-numpy",
+        "resuming does not restore NumPy's generator",
+        "checkpoints.py",
+        "    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))\n",
+        "",
+        ("tests/test_checkpoints.py", "-k", "rng"),
+    ),
+    Mutation(
+        "epoch-order",
+        "every epoch sees the rows in the same order",
+        "train.py",
+        "g = torch.Generator().manual_seed(seed * 100_003 + epoch)",
+        "g = torch.Generator().manual_seed(seed * 100_003)",
+        ("tests/test_train.py", "-k", "epoch_order"),
+    ),
+    Mutation(
+        "split-same-file",
+        "an image named in two splits is not refused",
+        "data.py",
+        "if split_of.setdefault(r.image, split) != split:",
+        "if split_of.setdefault(r.image, split) != split and False:",
+        ("tests/test_data.py", "-k", "two_splits"),
+    ),
+    Mutation(
+        "split-same-bytes",
+        "the same image under two names in two splits is not refused",
+        "data.py",
+        "            if other_split != split:\n",
+        "            if False:\n",
+        ("tests/test_data.py", "-k", "two_splits"),
+    ),
+    Mutation(
+        "blind-swap",
+        "the blind control captions each image's own pixels",
+        "evaluate.py",
+        "images[1:] + images[:1],",
+        "images,",
+        ("tests/test_evaluate.py", "-k", "blind"),
+    ),
+    Mutation(
+        "truncated-image",
+        "a truncated image file decodes (the missing rows filled in) instead of being an error",
+        "data.py",
+        "            with Image.open(path) as im:\n                return _to_rgb(",
+        "            __import__('PIL.ImageFile').ImageFile.LOAD_TRUNCATED_IMAGES = True\n"
+        "            with Image.open(path) as im:\n                return _to_rgb(",
+        ("tests/test_data.py", "tests/test_features.py", "-k", "truncated"),
+    ),
+    Mutation(
+        "weight-decay-groups",
+        "the embedding tables (modality, positions) are weight-decayed",
+        "captioner.py",
+        "embeddings = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}",
+        "embeddings = set()",
+        ("tests/test_captioner.py", "-k", "weight_decay"),
+    ),
+    Mutation(
+        "feature-cache-key",
+        "the feature cache key ignores the vision tower's weights",
+        "features.py",
+        "    h.update(weights_digest(vision).encode())\n",
+        "",
+        ("tests/test_features.py", "-k", "keyed_by"),
+    ),
+]
+
+
+def tracked_files():
+    out = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    return [name for name in out.decode().split("\0") if name]
+
+
+def scratch_copy(dest):
+    """The working tree's tracked files (with their uncommitted edits) copied into dest."""
+    for name in tracked_files():
+        src = REPO / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+
+
+def run_tests(root, tests, timeout):
+    """(pytest exit status, names of the failed tests with the first error line, seconds, output tail)."""
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    env.pop("DUOCAP_CACHE", None)  # conftest gives the session a private cache
+    t0 = time.time()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *tests],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return None, [], time.time() - t0, f"timed out after {timeout}s"
+    output = proc.stdout + proc.stderr
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
+    first_error = re.search(r"^E +(.+)$", output, re.M)
+    if first_error:
+        failed.append(f"[{first_error.group(1).strip()[:160]}]")
+    return proc.returncode, failed, time.time() - t0, output[-2000:]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    p.add_argument("--list", action="store_true", help="list the mutations and exit")
+    p.add_argument("--no-baseline", action="store_true", help="skip the run of the selected tests unmutated")
+    p.add_argument("--timeout", type=int, default=900, help="seconds allowed to one mutation's tests")
+    p.add_argument("--keep", action="store_true", help="keep the scratch folder (its path is printed)")
+    args = p.parse_args(argv)
+
+    known = {m.name: m for m in MUTATIONS}
+    if args.list:
+        for m in MUTATIONS:
+            print(f"{m.name:28} {m.file:26} {m.what}")
+        return 0
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        p.error(f"unknown mutation(s) {', '.join(unknown)}; see --list")
+    chosen = [known[n] for n in args.names] if args.names else MUTATIONS
+
+    scratch = Path(tempfile.mkdtemp(prefix="duocap-mutations-"))
+    results = []
+    try:
+        scratch_copy(scratch)
+        runnable = []
+        for m in chosen:  # stale ones first: they need no tests run
+            path = scratch / m.file
+            n = path.read_text().count(m.old) if path.is_file() else 0
+            if n == 1:
+                runnable.append(m)
+            else:
+                results.append((m, "STALE", f"the text to replace occurs {n} times in {m.file}", 0.0))
+                print(f"{m.name}: STALE", flush=True)
+        if not args.no_baseline:
+            selections = {}  # one baseline run per distinct selection of tests
+            for m in runnable:
+                selections.setdefault(m.tests, []).append(m.name)
+            for tests, names in selections.items():
+                rc, failed, seconds, tail = run_tests(scratch, tests, args.timeout)
+                print(f"baseline {' '.join(tests)}: exit {rc} ({seconds:.0f}s)", flush=True)
+                if rc != 0:
+                    print(tail)
+                    print(f"error: the tests of {', '.join(names)} fail unmutated; fix them first")
+                    return 2
+        for m in runnable:
+            path = scratch / m.file
+            original = path.read_text()
+            path.write_text(original.replace(m.old, m.new))
+            try:
+                rc, failed, seconds, tail = run_tests(scratch, m.tests, args.timeout)
+            finally:
+                path.write_text(original)
+            if rc == 1:
+                verdict, detail = "caught", ", ".join(failed) or "(a test failed)"
+            elif rc == 0:
+                verdict, detail = "SURVIVED", "every selected test passed"
+            else:
+                last = tail.strip().splitlines()[-1] if tail.strip() else ""
+                verdict, detail = "ERROR", f"pytest exit {rc}: {last}"
+            results.append((m, verdict, detail, seconds))
+            print(f"{m.name}: {verdict} ({seconds:.0f}s)", flush=True)
+    finally:
+        if args.keep:
+            print(f"scratch copy kept in {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    print()
+    print(f"{'mutation':28} {'verdict':9} {'s':>5}  tests run / caught by")
+    for m, verdict, detail, seconds in results:
+        print(f"{m.name:28} {verdict:9} {seconds:5.0f}  {' '.join(m.tests)}")
+        print(f"{'':28} {'':9} {'':5}  {detail}")
+    bad = [m.name for m, verdict, _, _ in results if verdict != "caught"]
+    caught = len(results) - len(bad)
+    print(f"\n{caught} of {len(results)} mutations caught" + (f"; not caught: {', '.join(bad)}" if bad else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
