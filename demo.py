@@ -72,7 +72,8 @@ def demo_key(spec):
 
 def demo_shapes(cache_dir, spec=DEMO):
     """The demo's shapes dataset on disk (generated on first use)."""
-    root = Path(cache_dir) / f"shapes-{demo_key(spec['shapes'] | {'seed': spec['seed']})}"
+    # "distinct": the splits share no image (the training split, and so the backbones, are as before)
+    root = Path(cache_dir) / f"shapes-{demo_key(spec['shapes'] | {'seed': spec['seed'], 'distinct': True})}"
     if not (root / "splits.json").is_file():
         print(f"generating the shapes dataset in {root}")
         tmp = root.with_name(root.name + ".tmp")

@@ -131,7 +131,9 @@ def make_shapes_dataset(root, n_train=4000, n_val=250, n_test=500, n_composition
     """Write PNG images, captions.jsonl, metadata.jsonl and splits.json under root.
 
     The compositional split only has images with at least one held-out
-    (colour, shape) pair; no other split ever draws one."""
+    (colour, shape) pair; no other split ever draws one. Two scenes can render to
+    the same pixels (a lone object lands on the same pixels), so a scene whose image
+    another split already holds is drawn again: no image is in two splits."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -139,16 +141,19 @@ def make_shapes_dataset(root, n_train=4000, n_val=250, n_test=500, n_composition
     everything = [(c, s) for c in COLOURS for s in SHAPES]
     splits = {"train": n_train, "val": n_val, "test": n_test, "compositional": n_compositional}
     names, captions, metadata = {k: [] for k in splits}, [], []
-    index = 0
+    index, split_of_pixels = 0, {}
     for split, count in splits.items():
         while len(names[split]) < count:
             scene = sample_scene(rng, everything if split == "compositional" else seen)
             pairs = {(o["colour"], o["shape"]) for o in scene["objects"]}
             if split == "compositional" and not pairs & HELD_OUT:
                 continue
+            image = render_scene(scene)
+            if split_of_pixels.setdefault(image.tobytes(), split) != split:
+                continue
             name = f"images/{index:05d}.png"
             index += 1
-            render_scene(scene).save(root / name)
+            image.save(root / name)
             names[split].append(name)
             captions += [{"image": name, "caption": c} for c in describe(scene)]
             metadata.append({"image": name, **scene})
