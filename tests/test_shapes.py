@@ -1,8 +1,10 @@
 """The shapes world: its splits share no image and hold the held-out colour-shape pairs only in the
 compositional split, and captions parse back into the objects and the relation they state."""
 
+import copy
 import json
 
+import data
 import shapes
 
 
@@ -84,3 +86,20 @@ def test_scene_truth_matches_what_the_generator_draws():
     objects, relation = shapes.scene_truth(scene)
     assert objects == {("red", "circle"), ("blue", "square")}
     assert relation == (("blue", "square"), "to the left of", ("red", "circle"))
+
+
+def test_no_image_is_drawn_into_two_splits(tmp_path, monkeypatch):
+    """Two scenes can render to the same pixels; the generator must not put such a pair in two splits."""
+    real, calls = shapes.sample_scene, iter(range(10**6))
+    lone = {"objects": [{"colour": "red", "shape": "square", "size": "large", "x": 30.0, "y": 30.0}], "relation": None}
+
+    def every_other_scene_is_the_same(rng, allowed, pair_fraction=0.6):
+        scene = real(rng, allowed, pair_fraction)
+        return copy.deepcopy(lone) if next(calls) % 2 == 0 else scene
+
+    monkeypatch.setattr(shapes, "sample_scene", every_other_scene_is_the_same)
+    root = shapes.make_shapes_dataset(tmp_path, n_train=6, n_val=3, n_test=3, n_compositional=0, seed=0)
+    splits = data.load_splits("shapes", root)  # refuses an image in two splits, by content
+    lone_pixels = shapes.render_scene(lone).tobytes()
+    in_split = {k: sum(data.read_image(r.image).tobytes() == lone_pixels for r in v) for k, v in splits.items()}
+    assert in_split["train"] >= 1 and in_split["val"] == in_split["test"] == 0, in_split
