@@ -255,7 +255,9 @@ def table_rows(groups, evals, split):
         rows.append((k, *seed_metric({v: [evals[v][r].get(k) for r in runs] for v, runs in groups.items()})))
     summaries = {v: [json.loads((r / "summary.json").read_text()) for r in runs] for v, runs in groups.items()}
     for k in SUMMARY:
-        rows.append((k, *seed_metric({v: [s.get(k) for s in summaries[v]] for v in groups})))
+        scale = 1e12 if k == "train_flops" else 1  # in TFLOP: the verdicts print three decimals
+        values = {v: [None if s.get(k) is None else s[k] / scale for s in summaries[v]] for v in groups}
+        rows.append(("train_tflops" if k == "train_flops" else k, *seed_metric(values)))
     return rows
 
 
@@ -322,14 +324,21 @@ def interval(m):
     return fmt(mean) + ("" if low is None else f" [{fmt(low)}, {fmt(high)}]")
 
 
-def say(diff):
+LOWER_IS_BETTER = ("train_time_s", "s_per_step", "train_tflops", "final_val_loss")
+
+
+def say(diff, name=""):
+    """The verdict in words; "ahead" means better, so for a cost the lower one is ahead."""
+    if name in LOWER_IS_BETTER and diff[1] is not None:
+        diff = (-diff[0], -diff[2], -diff[1])
     return stats.verdict(*diff, NAMES[ORDER[0]], NAMES[ORDER[1]])
 
 
 def write_report(out, command, groups, rows, compute, attention, split, n_images):
     a, b = (NAMES[v] for v in ORDER)
     seeds = {v: len(r) for v, r in groups.items()}
-    ahead = [(name, say(d)) for name, _, d in rows if d[1] is not None and (d[1] > 0 or d[2] < 0)]
+    rows = [row for row in rows if any(m[0] is not None for m in row[1].values())]  # drop what applies to no image
+    ahead = [(name, say(d, name)) for name, _, d in rows if d[1] is not None and (d[1] > 0 or d[2] < 0)]
     lines = [
         f"# {a.capitalize()} vs {b}",
         "",
@@ -339,14 +348,16 @@ def write_report(out, command, groups, rows, compute, attention, split, n_images
         "Each cell is the mean over seeds with its 95% t interval. The difference is "
         f"{a} minus {b}, with a 95% interval: a paired bootstrap over test images and seeds for per-image "
         "figures, Welch's t over seeds for the others. A verdict names a variant only when the interval "
-        "excludes zero.",
+        'excludes zero; "ahead" means better, so for times, FLOPs and losses the lower one is ahead.',
         "",
         f"| metric | {a} | {b} | difference [95% CI] | verdict |",
         "|---|---|---|---|---|",
     ]
     for name, means, diff in rows:
         d = "n/a" if diff[0] is None else interval(diff)
-        lines.append(f"| {name} | {interval(means[ORDER[0]])} | {interval(means[ORDER[1]])} | {d} | {say(diff)} |")
+        lines.append(
+            f"| {name} | {interval(means[ORDER[0]])} | {interval(means[ORDER[1]])} | {d} | {say(diff, name)} |"
+        )
     lines += ["", "## At equal compute", ""]
     for axis, label in (("flops", "training FLOPs"), ("train_time_s", "seconds of training")):
         budget, means, diff = compute[axis]
