@@ -158,12 +158,17 @@ def barrier():
         dist.barrier()
 
 
+def rank_zero_says(flag):
+    """Rank 0's value of flag, on every rank."""
+    flag = [flag]
+    if distributed():
+        dist.broadcast_object_list(flag, src=0)
+    return flag[0]
+
+
 def shared_temporary_name(path):
     """One temporary name for all ranks (rank 0's pid), unique among runs sharing the cache."""
-    name = [f"{path}.{os.getpid()}.tmp"]
-    if distributed():
-        dist.broadcast_object_list(name, src=0)
-    return Path(name[0])
+    return Path(rank_zero_says(f"{path}.{os.getpid()}.tmp"))
 
 
 def build_cache(model, processor, records, device, path, rank, world, workers):
@@ -210,7 +215,7 @@ def cached_features(model, processor, vision_name, records, device, strict=True,
     key = cache_key(vision_name, model.vision, processor, records)
     path = data.cache_root() / "features" / f"{key}-{VERSION}.npy"
     meta = path.with_suffix(".json")
-    if not meta.is_file():
+    if rank_zero_says(not meta.is_file()):  # one decision for all ranks: another run may finish the file meanwhile
         path.parent.mkdir(parents=True, exist_ok=True)
         build_cache(model, processor, records, device, path, rank, world, workers)
     failed = json.loads(meta.read_text())["failed"]
