@@ -3,8 +3,8 @@ Caption images in a browser, every run side by side.
 
     python app.py --runs runs/explained-demo runs/self_attention-demo [--host 127.0.0.1] [--port 8000]
 
-One page (drop an image or click a test image; change the decoding and caption
-again; click a word to see where each variant looked for it) and a JSON API:
+One page, web/ (drop an image or click a test image; change the decoding and
+caption again; click a word to see where each variant looked for it), and a JSON API:
 POST /api/caption and GET /api/health, documented at /docs.
 
 Each run has a worker thread of its own, so the model never runs on the event
@@ -32,7 +32,8 @@ import transformers
 import uvicorn
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -45,6 +46,7 @@ MB = 1_000_000
 # One run computes at a time. Small models are bound by Python, not arithmetic: two runs decoding at
 # once fight over the GIL (on 2 cores, a batch of 8 for each demo run: 150-280 ms at once, 135-160 in turn).
 COMPUTE = threading.Lock()
+WEB = Path(__file__).resolve().parent / "web"  # the page: index.html and the files it loads from /static
 
 
 # --- what goes in and out --------------------------------------------------------
@@ -302,17 +304,19 @@ class RunWorker:
 
 
 def example_records(workers, per_source=6):
-    """A few test-split records of each distinct data source the runs were trained on."""
+    """A few test-split records of each distinct data source the runs were trained on, each image
+    once: known by its bytes, as runs can name the same data by different paths or hold copies of it."""
     examples, seen = [], set()
     for worker in workers:
         try:
             records = data.splits_for(worker.config, strict=False).get("test", [])[:per_source]
+            digests = [data.file_digest(r.image) for r in records]
         except (OSError, ValueError) as e:  # the data moved or is gone: the page works without examples
             print(f"no test images for {worker.label}: {e}")
             continue
-        for r in records:
-            if r.image not in seen:
-                seen.add(r.image)
+        for r, digest in zip(records, digests):
+            if digest not in seen:
+                seen.add(digest)
                 examples.append(r)
     return examples
 
@@ -329,9 +333,11 @@ def create_app(workers, max_upload_mb=10.0, max_pixels=40_000_000, examples=()):
     async def failed(request, e):
         return JSONResponse({"detail": f"captioning failed: {type(e).__name__}: {e}"}, 500)
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=WEB), name="static")
+
+    @app.get("/", response_class=FileResponse, include_in_schema=False)
     def page():
-        return PAGE
+        return FileResponse(WEB / "index.html")
 
     @app.get("/api/health", response_model=Health)
     def health():
@@ -413,231 +419,6 @@ def main(argv=None):
         print(f"loaded {workers[-1].label} from {run_dir}")
     app = create_app(workers, args.max_upload_mb, args.max_pixels, example_records(workers))
     uvicorn.run(app, host=args.host, port=args.port)
-
-
-PAGE = """<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>duocap</title>
-<style>
-  * { box-sizing: border-box; }
-  body { font: 15px/1.45 system-ui, sans-serif; margin: 0; color: #1d1d1f; background: #f5f5f7; }
-  header { padding: 14px 24px; background: #1d1d1f; color: #fff; }
-  header h1 { display: inline; font-size: 20px; margin-right: 14px; }
-  header span { color: #bbb; }
-  main { display: grid; grid-template-columns: 320px 1fr; gap: 24px; padding: 20px 24px; }
-  .panel { background: #fff; border-radius: 10px; padding: 16px; box-shadow: 0 1px 3px #0002; }
-  #drop { display: block; border: 2px dashed #999; border-radius: 8px; padding: 18px; text-align: center;
-          cursor: pointer; }
-  #drop.over { border-color: #0a66c2; background: #eef5fc; }
-  #examples { display: flex; flex-wrap: wrap; gap: 6px; margin: 10px 0 4px; }
-  #examples img { width: 44px; height: 44px; object-fit: cover; border-radius: 4px; cursor: pointer;
-                  image-rendering: pixelated; border: 2px solid #e2e2e2; background: #fff; }
-  #examples img:hover { border-color: #0a66c2; }
-  form { display: grid; grid-template-columns: auto 1fr; gap: 6px 10px; align-items: center; margin-top: 14px; }
-  form button { grid-column: 1 / 3; padding: 8px; font-size: 15px; }
-  input:disabled { opacity: .4; }
-  #error { color: #b00020; background: #fdecee; border-radius: 6px; padding: 8px 10px; white-space: pre-wrap; }
-  #results { display: flex; flex-wrap: wrap; gap: 20px; align-content: flex-start; }
-  .card { width: 340px; }
-  .card h2 { font-size: 15px; margin: 0 0 8px; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
-  .frame { position: relative; line-height: 0; }
-  .frame img { width: 100%; border-radius: 6px; }
-  .frame canvas { position: absolute; left: 0; top: 0; width: 100%; height: 100%; pointer-events: none; }
-  .caption { font-size: 18px; margin: 10px 0 4px; overflow-wrap: anywhere; }
-  .caption span { cursor: pointer; border-radius: 3px; padding: 0 1px; }
-  .caption span:hover { background: #e3eefb; }
-  .caption span.active { background: #ffd54f; }
-  .meta, .hint { color: #666; font-size: 13px; margin: 2px 0; }
-</style>
-</head>
-<body>
-<header><h1>duocap</h1><span id="runs">loading…</span></header>
-<main>
-  <section class="panel">
-    <label id="drop">Drop an image here or click to choose one
-      <input type="file" id="file" accept="image/*" hidden></label>
-    <div id="examples"></div>
-    <div class="hint">…or click a test image from the runs' data.</div>
-    <form id="decoding">
-      <label for="strategy">strategy</label>
-      <select id="strategy" name="strategy">
-        <option>greedy</option><option>top-k</option><option>top-p</option><option>beam</option>
-      </select>
-      <label for="temperature">temperature</label>
-      <input id="temperature" name="temperature" type="number" value="1" min="0.01" step="0.1">
-      <label for="top_k">top-k</label>
-      <input id="top_k" name="top_k" type="number" value="50" min="1" step="1">
-      <label for="top_p">top-p</label>
-      <input id="top_p" name="top_p" type="number" value="0.9" min="0.01" max="1" step="0.05">
-      <label for="beams">beams</label>
-      <input id="beams" name="beams" type="number" value="4" min="1" max="16" step="1">
-      <label for="max_new_tokens">max tokens</label>
-      <input id="max_new_tokens" name="max_new_tokens" type="number" value="30" min="1" max="100" step="1">
-      <button id="again" type="submit" disabled>Caption again</button>
-    </form>
-    <p id="status" class="meta"></p>
-    <p id="error" role="alert" hidden></p>
-  </section>
-  <section id="results"></section>
-</main>
-<script>
-const $ = (id) => document.getElementById(id);
-const USES = { greedy: [], "top-k": ["temperature", "top_k"], "top-p": ["temperature", "top_p"], beam: ["beams"] };
-let current = null, imageUrl = null, limits = null;
-
-function showError(message) {
-  $("error").textContent = message;
-  $("error").hidden = !message;
-}
-
-function describe(detail) {  // FastAPI's errors: a string, or a list of field problems
-  if (!Array.isArray(detail)) return String(detail);
-  return detail.map((d) => `${d.loc.slice(1).join(".") || "request"}: ${d.msg}`).join("\\n");
-}
-
-function syncFields() {
-  const used = USES[$("strategy").value];
-  for (const name of ["temperature", "top_k", "top_p", "beams"]) $(name).disabled = !used.includes(name);
-}
-
-function useFile(file) {
-  if (!file) return;
-  if (limits && file.size > limits.max_upload_mb * 1e6) {
-    showError(`${file.name}: ${(file.size / 1e6).toFixed(1)} MB is over the limit of ${limits.max_upload_mb} MB`);
-    return;
-  }
-  current = file;
-  if (imageUrl) URL.revokeObjectURL(imageUrl);
-  imageUrl = URL.createObjectURL(file);
-  $("again").disabled = false;
-  caption();
-}
-
-async function caption() {
-  if (!current) return;
-  const body = new FormData($("decoding"));
-  body.append("image", current, current.name);
-  showError("");
-  $("again").disabled = true;
-  $("status").textContent = "captioning…";
-  try {
-    const response = await fetch("/api/caption", { method: "POST", body });
-    const answer = await response.json().catch(() => ({ detail: `${response.status} ${response.statusText}` }));
-    if (!response.ok) throw new Error(describe(answer.detail));
-    render(answer);
-    $("status").textContent = `${current.name}: ${answer.width} × ${answer.height}`;
-  } catch (e) {
-    $("status").textContent = "";
-    showError(e instanceof TypeError ? `could not reach the server: ${e.message}` : e.message);
-  } finally {
-    $("again").disabled = false;
-  }
-}
-
-function render(answer) {
-  const results = $("results");
-  results.replaceChildren();
-  for (const run of answer.captions) {
-    const card = document.createElement("article");
-    card.className = "card panel";
-    card.dataset.variant = run.variant;
-    card.innerHTML = `<h2></h2><div class="frame"><img alt=""><canvas hidden></canvas></div>
-      <p class="caption"></p><p class="meta"></p><p class="hint">Click a word to see where this variant looked.</p>`;
-    card.querySelector("h2").textContent = card.querySelector("h2").title = run.run;
-    const img = card.querySelector("img"), canvas = card.querySelector("canvas");
-    img.onload = () => { if (img.naturalWidth < 160) img.style.imageRendering = "pixelated"; };
-    img.src = imageUrl;
-    const text = card.querySelector(".caption");
-    text.dataset.caption = run.caption;  // the decoded caption; the spans below are its tokens, one by one
-    run.tokens.forEach((token, t) => {
-      if (/^\\s/.test(token)) text.append(" ");
-      const word = document.createElement("span");
-      word.textContent = token.trim();
-      word.onclick = () => {
-        text.querySelectorAll(".active").forEach((s) => s.classList.remove("active"));
-        word.classList.add("active");
-        drawHeat(canvas, img, run.attention[t], run.grid, run.crop);
-        card.querySelector(".hint").textContent =
-          `Where it looked as it wrote “${word.textContent}”: brighter is more attention.`;
-      };
-      text.append(word);
-    });
-    if (!run.tokens.length) text.textContent = "(empty caption)";
-    card.querySelector(".meta").textContent =
-      `${(run.seconds * 1000).toFixed(0)} ms` +
-      (run.batch_size > 1 ? ` · decoded in a batch of ${run.batch_size}` : "");
-    results.append(card);
-  }
-}
-
-// inferno-like: black, purple, red, orange, pale yellow
-const STOPS = [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]];
-function colour(v) {
-  const x = Math.min(Math.max(v, 0), 1) * (STOPS.length - 1), i = Math.min(Math.floor(x), STOPS.length - 2), f = x - i;
-  const [r, g, b] = STOPS[i].map((c, k) => Math.round(c + f * (STOPS[i + 1][k] - c)));
-  return `rgba(${r}, ${g}, ${b}, 0.6)`;
-}
-
-function drawHeat(canvas, img, weights, grid, crop) {
-  const w = img.clientWidth, h = img.clientHeight, [rows, cols] = grid;
-  canvas.width = w;
-  canvas.height = h;
-  canvas.hidden = false;
-  const ctx = canvas.getContext("2d"), top = Math.max(...weights) || 1;
-  const cellW = (crop[2] * w) / cols, cellH = (crop[3] * h) / rows;
-  for (let r = 0; r < rows; r++)
-    for (let c = 0; c < cols; c++) {
-      ctx.fillStyle = colour(weights[r * cols + c] / top);
-      // whole pixels, so neighbouring cells leave no seams
-      const x0 = Math.round(crop[0] * w + c * cellW), x1 = Math.round(crop[0] * w + (c + 1) * cellW);
-      const y0 = Math.round(crop[1] * h + r * cellH), y1 = Math.round(crop[1] * h + (r + 1) * cellH);
-      ctx.fillRect(x0, y0, x1 - x0, y1 - y0);
-    }
-}
-
-async function loadExamples() {
-  const examples = await (await fetch("/api/examples")).json();
-  for (const ex of examples) {
-    const thumb = document.createElement("img");
-    thumb.src = ex.url;
-    thumb.title = ex.reference;
-    thumb.alt = `test image ${ex.index}`;
-    thumb.onclick = async () => {
-      const response = await fetch(ex.url);
-      if (!response.ok) return showError(describe((await response.json()).detail));
-      const blob = await response.blob();
-      useFile(new File([blob], `test image ${ex.index}`, { type: blob.type }));
-    };
-    $("examples").append(thumb);
-  }
-}
-
-async function start() {
-  try {
-    limits = await (await fetch("/api/health")).json();
-    $("runs").textContent = limits.runs.map((r) => r.label).join("  |  ");
-    await loadExamples();
-  } catch (e) {
-    showError(`could not reach the server: ${e.message}`);
-  }
-}
-
-$("file").onchange = (e) => useFile(e.target.files[0]);
-$("strategy").onchange = syncFields;
-$("decoding").onsubmit = (e) => { e.preventDefault(); caption(); };
-const drop = $("drop");
-drop.ondragover = (e) => { e.preventDefault(); drop.classList.add("over"); };
-drop.ondragleave = () => drop.classList.remove("over");
-drop.ondrop = (e) => { e.preventDefault(); drop.classList.remove("over"); useFile(e.dataTransfer.files[0]); };
-syncFields();
-start();
-</script>
-</body>
-</html>
-"""
 
 
 if __name__ == "__main__":

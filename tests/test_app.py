@@ -14,7 +14,9 @@ import json
 import os
 import shutil
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -253,6 +255,20 @@ def test_test_images_are_served_by_index_only(client, workers, splits):
     assert client.get("/api/examples/..%2F..%2Fconfig.json").status_code in (404, 422)
 
 
+def test_each_test_image_is_listed_once_however_the_runs_name_their_data(workers, shapes_dir, splits, tmp_path):
+    (tmp_path / "link").symlink_to(shapes_dir)
+    copy = shutil.copytree(shapes_dir, tmp_path / "copy")
+    spellings = [shapes_dir, shapes_dir, tmp_path / "link", copy, f"{shapes_dir}/../{shapes_dir.name}"]
+    same_data = [
+        SimpleNamespace(label=f"run {i}", config=dict(workers[0].config, data_dir=str(d)))
+        for i, d in enumerate(spellings)
+    ]
+    examples = app.example_records(same_data)
+    assert [r.image for r in examples] == [r.image for r in splits["test"][:6]]
+    with TestClient(app.create_app([], examples=examples)) as c:
+        assert len(c.get("/api/examples").json()) == 6
+
+
 def test_the_docs_describe_both_endpoints_and_the_limits(client):
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
@@ -263,10 +279,48 @@ def test_the_docs_describe_both_endpoints_and_the_limits(client):
     assert set(spec["paths"]["/api/caption"]["post"]["responses"]) >= {"200", "400", "413", "422"}
 
 
-def test_the_page_is_plain_html_with_its_script_inline(client):
-    r = client.get("/")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-    assert '<input type="file"' in r.text and "/api/caption" in r.text
+def test_the_page_is_served_from_its_files_wherever_the_server_starts(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # web/ is found beside app.py, not in the working directory
+    with TestClient(app.create_app([])) as c:
+        page, script, style = c.get("/"), c.get("/static/app.js"), c.get("/static/style.css")
+    assert page.status_code == script.status_code == style.status_code == 200
+    assert page.headers["content-type"].startswith("text/html") and '<input type="file"' in page.text
+    assert '<script src="/static/app.js">' in page.text and 'href="/static/style.css"' in page.text
+    assert "javascript" in script.headers["content-type"] and "/api/caption" in script.text
+    assert style.headers["content-type"].startswith("text/css")
+    assert page.text == (app.WEB / "index.html").read_text()
+
+
+class FormFields(HTMLParser):
+    """{name: attributes} of a page's input and select elements, and the select's options."""
+
+    def __init__(self):
+        super().__init__()
+        self.fields, self.options = {}, []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("input", "select") and dict(attrs).get("name"):
+            self.fields[dict(attrs)["name"]] = dict(attrs)
+
+    def handle_data(self, text):
+        if self.lasttag == "option" and text.strip():
+            self.options.append(text.strip())
+
+
+def test_the_page_form_starts_at_the_api_defaults_and_limits():
+    form = FormFields()
+    form.feed((app.WEB / "index.html").read_text())
+    schema = app.Decoding.model_json_schema()["properties"]
+    assert set(form.fields) == set(schema)
+    assert form.options == schema["strategy"]["enum"]
+    for name, field in schema.items():
+        if name == "strategy":
+            continue
+        attrs = form.fields[name]
+        assert float(attrs["value"]) == field["default"], name
+        for attr, bound in (("min", "minimum"), ("max", "maximum")):
+            if bound in field:
+                assert float(attrs[attr]) == field[bound], (name, attr)
 
 
 # --- batching ---------------------------------------------------------------------------
@@ -288,6 +342,38 @@ def test_concurrent_requests_with_the_same_settings_share_one_batch(runs, splits
         results[2].caption
         == caption_images(worker.model, worker.processor, worker.tokenizer, [images[2]], strategy="beam", beams=2)[0]
     )
+
+
+def test_requests_share_a_batch_only_when_the_settings_their_strategy_uses_agree():
+    d = app.Decoding
+    assert d(temperature=0.5, top_k=3, top_p=0.5, beams=2).batch_key() == d().batch_key()  # greedy uses none
+    for a, b in [
+        (d(max_new_tokens=5), d()),
+        (d(strategy="beam", max_new_tokens=5), d(strategy="beam")),
+        (d(strategy="beam", beams=2), d(strategy="beam", beams=3)),
+        (d(strategy="top-k", top_k=5), d(strategy="top-k")),
+        (d(strategy="top-k", temperature=0.5), d(strategy="top-k")),
+        (d(strategy="top-p", top_p=0.5), d(strategy="top-p")),
+        (d(strategy="top-p", temperature=0.5), d(strategy="top-p")),
+        (d(strategy="top-k"), d(strategy="top-p")),
+    ]:
+        assert a.batch_key() != b.batch_key(), (a, b)
+
+
+def test_concurrent_requests_for_different_lengths_each_get_the_caption_of_their_own(runs, splits):
+    worker = app.RunWorker(runs[0], batch_size=8, max_wait_s=0.5)
+    images = [data.read_image(r.image) for r in splits["test"][:5]]
+    lengths = [30, 2, 5, 30, 2]
+    futures = [worker.submit(im, app.Decoding(max_new_tokens=n)) for im, n in zip(images, lengths)]
+    results = [f.result(timeout=60) for f in futures]
+    alone = [
+        caption_images(worker.model, worker.processor, worker.tokenizer, [im], strategy="greedy", max_new_tokens=n)[0]
+        for im, n in zip(images, lengths)
+    ]
+    # the lengths make a difference to these captions, so a request decoded at another's length shows
+    assert all(len(r.tokens) == n for r, n in zip(results, lengths) if n < 30)
+    assert [r.caption for r in results] == alone
+    assert [r.batch_size for r in results] == [2, 2, 1, 2, 2]
 
 
 def test_a_cancelled_request_is_dropped_and_the_rest_of_its_batch_decoded(runs, splits):
