@@ -19,6 +19,7 @@ import json
 import os
 import random
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -348,8 +349,9 @@ def load_hf(name, problems, cache_dir, image_column="image", caption_columns=("c
     are written once to cache_dir as files, so the rest of the pipeline sees paths.
 
     Many caption datasets store one row per caption. Rows are grouped into one record per
-    image, by an id column when there is one (HF_ID_COLUMNS), else by the image's bytes,
-    so that one picture is never split across train and test or scored against one
+    image, by an image id column when there is one (HF_ID_COLUMNS; a plain "id" often numbers
+    the rows, and is never taken for one) whose values some rows share, else by the image's
+    bytes, so that one picture is never split across train and test or scored against one
     reference instead of all of its captions."""
     import datasets
 
@@ -370,10 +372,16 @@ def load_hf(name, problems, cache_dir, image_column="image", caption_columns=("c
                 "pass --image-column / --caption-column"
             )
         id_column = next((c for c in HF_ID_COLUMNS if c in part.column_names), None)
+        if id_column and len(set(part[id_column])) == len(part):
+            # an id that no two rows share groups nothing, and may number the caption rows
+            # rather than the images: the bytes say which rows show one picture
+            print(f"hf:{name} split {split}: no two rows share a value of {id_column}; rows are grouped by image bytes")
+            id_column = None
         if isinstance(part.features[image_column], datasets.Image):
             part = part.cast_column(image_column, datasets.Image(decode=False))  # hashed and written as stored
         folder = Path(cache_dir) / f"hf-{part._fingerprint}"
-        written = (folder / "done").is_file()
+        grouped_by = f"id {id_column}" if id_column else "bytes"  # the files are named by what groups the rows
+        written = (folder / "done").is_file() and (folder / "done").read_text() == grouped_by
         folder.mkdir(parents=True, exist_ok=True)
         columns = [image_column, *caption_columns, *([id_column] if id_column else [])]
         rows, names = [], set()
@@ -390,18 +398,41 @@ def load_hf(name, problems, cache_dir, image_column="image", caption_columns=("c
             for col in caption_columns:
                 values = row[col] if isinstance(row[col], list) else [row[col]]
                 rows += [(image_name, v, f"hf:{name} {split}[{i}].{col}") for v in values]
-        (folder / "done").write_text("")
+        (folder / "done").write_text(grouped_by)
         splits[rename.get(split, split)] = group_captions(folder, rows, problems)
     return splits
 
 
+def picture_groups(records):
+    """Records in groups of one picture each: files of the same bytes under any names, in
+    first-seen order. Only files of a size another shares are opened, and read whole only when
+    their first 64 KiB are another's too (a COCO-sized folder is not hashed in full)."""
+    keys = {r.image: ("size", os.path.getsize(r.image)) for r in records}
+    for step in (head_digest, file_digest):
+        count = Counter(keys.values())
+        keys = {p: (step.__name__, k, step(p)) if count[k] > 1 else k for p, k in keys.items()}
+    groups = {}
+    for r in records:
+        groups.setdefault(keys[r.image], []).append(r)
+    return list(groups.values())
+
+
 def split_by_image(records, seed=0, val_fraction=0.05, test_fraction=0.05):
-    """Shuffle images (never caption rows) with a seed and cut them into splits."""
-    order = list(range(len(records)))
+    """Shuffle pictures (never caption rows) with a seed and cut them into splits. One picture
+    saved under several names goes to one split with all its copies, or check_disjoint would
+    refuse the split drawn here; without copies the split is the plain shuffle of the records."""
+    groups = picture_groups(records)
+    repeated = [g for g in groups if len(g) > 1]
+    if repeated:
+        print(
+            f"{len(repeated)} picture(s) appear under more than one name ({sum(map(len, repeated))} files); "
+            "each group kept in one split"
+        )
+    order = list(range(len(groups)))
     random.Random(seed).shuffle(order)
-    n_val = max(1, int(len(records) * val_fraction))
-    n_test = max(1, int(len(records) * test_fraction)) if test_fraction else 0
-    pick = lambda idx: [records[i] for i in idx]
+    n_val = max(1, int(len(groups) * val_fraction))
+    n_test = max(1, int(len(groups) * test_fraction)) if test_fraction else 0
+    pick = lambda idx: [r for i in idx for r in groups[i]]
     return {
         "train": pick(order[n_val + n_test :]),
         "val": pick(order[:n_val]),
@@ -462,6 +493,11 @@ def load_splits(
 
 def file_digest(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def head_digest(path, size=1 << 16):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(size)).hexdigest()
 
 
 def check_disjoint(splits):

@@ -9,6 +9,7 @@ is refused, with a message saying why, when it is not a run, holds the other
 variant, or was trained on other backbone weights than the ones found now.
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -44,7 +45,12 @@ def save_run(model, config, run_dir):
     run_dir.mkdir(parents=True, exist_ok=True)
     save_file(model.trainable_state_dict(), str(run_dir / "model.safetensors.tmp"))
     (run_dir / "model.safetensors.tmp").replace(run_dir / "model.safetensors")
-    config = {**config, "variant": model.variant, "backbone_fingerprint": model.backbone_fingerprint()}
+    config = {
+        **config,
+        "variant": model.variant,
+        "backbone_fingerprint": model.backbone_fingerprint(),
+        "frozen_fingerprint": frozen_fingerprint(model),
+    }
     (run_dir / "config.json.tmp").write_text(json.dumps(config, indent=2))
     (run_dir / "config.json.tmp").replace(run_dir / "config.json")
 
@@ -75,11 +81,27 @@ def load_run(run_dir, variant=None):
     return model.eval(), processor, tokenizer, config
 
 
+def frozen_fingerprint(model):
+    """A short hash of every frozen parameter, about 1024 evenly spaced values of each. The
+    model's backbone_fingerprint reads only the token embeddings' first rows and the patch
+    embedding, which a language model fine-tuned from the same one may keep unchanged. Only the
+    values count, as a set: not the names, the order, or a tensor listed twice."""
+    digests = []
+    for p in model.parameters():
+        if not p.requires_grad:
+            flat = p.detach().flatten()
+            digests.append(hashlib.sha256(flat[:: max(1, flat.numel() // 1024)].float().cpu().numpy().tobytes()))
+    return hashlib.sha256(b"".join(sorted({d.digest() for d in digests}))).hexdigest()[:16]
+
+
 def check_backbones(model, config, run_dir):
-    expected = config.get("backbone_fingerprint")
-    if expected and expected != model.backbone_fingerprint():
-        raise RunError(
-            f"{run_dir} was trained on other backbone weights than {config['vision']} and "
-            f"{config['language']} hold now (fingerprint {model.backbone_fingerprint()}, "
-            f"expected {expected}): were the backbones rebuilt or replaced since training?"
-        )
+    """Runs saved before frozen_fingerprint existed are checked by the backbone fingerprint alone."""
+    now = {"backbone_fingerprint": model.backbone_fingerprint(), "frozen_fingerprint": frozen_fingerprint(model)}
+    for key, value in now.items():
+        expected = config.get(key)
+        if expected and expected != value:
+            raise RunError(
+                f"{run_dir} was trained on other backbone weights than {config['vision']} and "
+                f"{config['language']} hold now ({key} {value}, expected {expected}): were the "
+                "backbones rebuilt or replaced since training?"
+            )

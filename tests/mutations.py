@@ -196,6 +196,64 @@ MUTATIONS = [
         "",
         ("tests/test_features.py", "-k", "keyed_by"),
     ),
+    Mutation(
+        "split-copies-apart",
+        "a split drawn here no longer keeps the copies of one picture (same bytes, other names) together",
+        "data.py",
+        "    groups = picture_groups(records)\n",
+        "    groups = [[r] for r in records]\n",
+        ("tests/test_data.py", "-k", "every_copy_of_a_picture or bad_records_and_copies"),
+    ),
+    Mutation(
+        "hf-row-id-as-image-id",
+        "an id column that no two rows share (an id of each caption row) is taken for the image's id",
+        "data.py",
+        "if id_column and len(set(part[id_column])) == len(part):",
+        "if id_column and len(set(part[id_column])) == -1:",
+        ("tests/test_data.py", "-k", "rows_of_one_image"),
+    ),
+    Mutation(
+        "top-p-nucleus-untempered",
+        "top-p chooses its nucleus from the probabilities before the temperature (then samples tempered)",
+        "decoding.py",
+        "        cum = sorted_logits.softmax(-1).cumsum(-1)\n        drop = cum - sorted_logits.softmax(-1) > top_p",
+        "        cum = (sorted_logits * temperature).softmax(-1).cumsum(-1)\n"
+        "        drop = cum - (sorted_logits * temperature).softmax(-1) > top_p",
+        ("tests/test_decoding.py", "-k", "tempered_distribution"),
+    ),
+    Mutation(
+        "top-p-temperature-multiplies",
+        "the temperature multiplies the logits instead of dividing them",
+        "decoding.py",
+        "    logits = logits / max(temperature, 1e-6)\n",
+        "    logits = logits * max(temperature, 1e-6)\n",
+        ("tests/test_decoding.py", "-k", "tempered_distribution"),
+    ),
+    Mutation(
+        "picture-groups-by-head-only",
+        "files of one size whose first 64 KiB agree are taken for one picture without reading the rest",
+        "data.py",
+        "    for step in (head_digest, file_digest):\n",
+        "    for step in (head_digest,):\n",
+        ("tests/test_data.py", "-k", "picture_groups_are_files"),
+    ),
+    Mutation(
+        "frozen-language-weights-unchecked",
+        "a run no longer records a fingerprint of its frozen weights: a language model of the same shape "
+        "and the same first embedding rows but other frozen layers loads silently",
+        "runs.py",
+        '        "frozen_fingerprint": frozen_fingerprint(model),\n',
+        "",
+        ("tests/test_runs.py", "-k", "language_model_of_the_same_shape"),
+    ),
+    Mutation(
+        "app-batch-length",
+        "concurrent requests for different caption lengths share a batch, decoded at the first one's length",
+        "app.py",
+        "return (self.strategy, self.max_new_tokens, *(getattr(self, name) for name in used))",
+        "return (self.strategy, *(getattr(self, name) for name in used))",
+        ("tests/test_app.py", "-k", "different_lengths or settings_their_strategy_uses"),
+    ),
 ]
 
 

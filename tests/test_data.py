@@ -4,6 +4,7 @@ wrong) and either stops loading or, with strict=False (--skip-bad), is left out 
 records stay; odd image modes become proper RGB; captions become input ids, targets and a mask."""
 
 import json
+import random
 import re
 import shutil
 
@@ -19,10 +20,12 @@ from corpora import (
     all_records,
     assert_disjoint,
     assert_named,
+    jsonl_line,
     karpathy_written,
     loaded,
     n_refs,
     norm,
+    write_coco,
     write_good_images,
     write_jsonl_dataset,
 )
@@ -33,6 +36,7 @@ import data
 import features
 import shapes
 import train
+from conftest import kept_rng
 
 # -----------------------------------------------------------------------------
 # each source in its own layout
@@ -555,8 +559,9 @@ def test_a_truncated_caption_gets_no_eos_target(tokenizer):
     assert targets[1].tolist() == short + [eos] + [-100] * (4 - len(short))
 
 
-def write_hf_rows_per_caption(root, n_images=20, captions_per_image=5, id_column=None):
-    """A Dataset of one row per caption, as many hub caption datasets are stored."""
+def write_hf_rows_per_caption(root, n_images=20, captions_per_image=5, id_column=None, row_ids=False):
+    """A Dataset of one row per caption, as many hub caption datasets are stored; the id column
+    numbers the images, or with row_ids the rows."""
     import datasets
 
     images, captions, ids = [], [], []
@@ -565,7 +570,7 @@ def write_hf_rows_per_caption(root, n_images=20, captions_per_image=5, id_column
         for k in range(captions_per_image):
             images.append(image)
             captions.append(f"picture {i} caption {k}")
-            ids.append(1000 + i)
+            ids.append(len(ids) if row_ids else 1000 + i)
     columns = {"image": images, "caption": captions}
     features = {"image": datasets.Image(), "caption": datasets.Value("string")}
     if id_column:
@@ -574,10 +579,14 @@ def write_hf_rows_per_caption(root, n_images=20, captions_per_image=5, id_column
     return root
 
 
-@pytest.mark.parametrize("id_column", [None, "image_id"])
-def test_hf_rows_of_one_image_become_one_record_with_all_its_captions(tmp_path, id_column):
-    root = write_hf_rows_per_caption(tmp_path / "hf", id_column=id_column)
+@pytest.mark.parametrize("id_column, row_ids", [(None, False), ("image_id", False), ("id", True), ("image_id", True)])
+def test_hf_rows_of_one_image_become_one_record_with_all_its_captions(tmp_path, capsys, id_column, row_ids):
+    """Grouped by an image id column, else by the image bytes. An id of each caption row (a plain
+    "id", or even one named as the image's but never shared by two rows) is not the image's."""
+    root = write_hf_rows_per_caption(tmp_path / "hf", id_column=id_column, row_ids=row_ids)
     splits = data.load_splits(f"hf:{root}", root, cache_dir=tmp_path / "cache")
+    if id_column == "image_id" and row_ids:
+        assert "no two rows share a value of image_id; rows are grouped by image bytes" in capsys.readouterr().out
     records = [r for split in splits.values() for r in split]
     assert len(records) == 20, "one record per image, not per caption row"
     for r in records:
@@ -637,3 +646,144 @@ def test_the_split_follows_the_data_seed_not_the_training_seed(tmp_path, vision_
 
     assert test_set("--seed", "0") == test_set("--seed", "1") == test_set("--seed", "7")
     assert test_set("--data-seed", "1") != test_set("--data-seed", "0")
+
+
+# -----------------------------------------------------------------------------
+# one picture saved under several names: a split drawn here keeps its copies together
+
+
+def write_folder_with_copies(root):
+    """N_GOOD pictures, each also saved as copies/<name>, g00.png a third time as again.png."""
+    good = write_good_images(root)
+    (root / "copies").mkdir()
+    rows = []
+    for name, caps in good.items():
+        shutil.copy(root / name, root / "copies" / name)
+        rows += [{"image": n, "caption": c} for n in (name, f"copies/{name}") for c in caps]
+    shutil.copy(root / "g00.png", root / "again.png")
+    rows.append({"image": "again.png", "caption": "the first picture once more"})
+    data.write_jsonl(root / "captions.jsonl", rows)
+    return N_GOOD, 2 * N_GOOD + 1
+
+
+def write_coco_with_copies(root):
+    """The tiny COCO layout, every train2017 picture also under a second id and file name (the
+    real train2017 holds such pairs); val2017 is the test split and is left as it is."""
+    write_coco(root)
+    path = root / "annotations" / "captions_train2017.json"
+    d = json.loads(path.read_text())
+    for im in list(d["images"]):
+        copy = {**im, "id": im["id"] + 10000, "file_name": f"{im['id'] + 10000:012d}.jpg"}
+        shutil.copy(root / "train2017" / im["file_name"], root / "train2017" / copy["file_name"])
+        d["images"].append(copy)
+        d["annotations"] += [
+            {**a, "id": a["id"] + 10000, "image_id": copy["id"]} for a in d["annotations"] if a["image_id"] == im["id"]
+        ]
+    path.write_text(json.dumps(d))
+    return COCO_TRAIN, 2 * COCO_TRAIN
+
+
+def write_hf_with_copies(root):
+    """One row per caption, no splits: each picture under two image ids, two captions each."""
+    import datasets
+
+    images, captions, ids = [], [], []
+    for i in range(N_GOOD):
+        image = Image.new("RGB", (16, 16), (i * 20, 40, 200 - i * 15))
+        for image_id in (100 + i, 200 + i):
+            images += [image, image]
+            captions += [f"picture {i} caption {k}" for k in range(2)]
+            ids += [image_id, image_id]
+    features = datasets.Features(
+        {"image": datasets.Image(), "caption": datasets.Value("string"), "image_id": datasets.Value("int64")}
+    )
+    datasets.Dataset.from_dict({"image": images, "caption": captions, "image_id": ids}, features=features).save_to_disk(
+        str(root)
+    )
+    return N_GOOD, 2 * N_GOOD
+
+
+def splits_of_each_picture(splits):
+    """{content digest: set of splits its files are in}."""
+    where = {}
+    for split, records in splits.items():
+        for r in records:
+            where.setdefault(data.file_digest(r.image), set()).add(split)
+    return where
+
+
+def test_picture_groups_are_files_of_the_same_bytes(tmp_path):
+    """Equal size and an equal first 64 KiB are only reasons to read on: files that differ after
+    that are two pictures."""
+    contents = {"a": b"x" * 70000 + b"a", "b": b"x" * 70000 + b"b", "copy-of-a": b"x" * 70000 + b"a", "c": b"y"}
+    records = []
+    for name, content in contents.items():
+        (tmp_path / name).write_bytes(content)
+        records.append(data.Record(tmp_path / name, [f"caption of {name}"]))
+    groups = data.picture_groups(records)
+    assert [[r.image.name for r in g] for g in groups] == [["a", "copy-of-a"], ["b"], ["c"]]
+
+
+WITH_COPIES = {"folder": write_folder_with_copies, "coco": write_coco_with_copies, "hf": write_hf_with_copies}
+
+
+@pytest.mark.parametrize("source", list(WITH_COPIES))
+def test_a_split_drawn_here_keeps_every_copy_of_a_picture_in_one_split(tmp_path, capsys, source):
+    """Copies are refused in a split someone wrote (test_the_same_image_under_two_names_...), but
+    a split the loader draws itself (a folder without splits.json, an hf dataset without one,
+    COCO's validation hold-out) puts every copy of a picture where the picture goes."""
+    root = tmp_path / source
+    pictures, files = WITH_COPIES[source](root)
+    name = f"hf:{root}" if source == "hf" else source
+    splits = data.load_splits(name, root, cache_dir=tmp_path / "cache")
+    drawn = ["train", "val"] if source == "coco" else ["train", "val", "test"]
+    assert sum(len(splits[s]) for s in drawn) == files, "every copy is kept, as a record of its own"
+    where = splits_of_each_picture({s: splits[s] for s in drawn})
+    assert len(where) == pictures
+    assert all(len(s) == 1 for s in where.values()), where
+    assert all(splits[s] for s in splits), "every split still gets a picture"
+    printed = capsys.readouterr().out
+    assert f"{pictures} picture(s) appear under more than one name ({files} files)" in printed, printed
+    again = data.load_splits(name, root, cache_dir=tmp_path / "cache")
+    assert {k: [r.image for r in v] for k, v in again.items()} == {k: [r.image for r in v] for k, v in splits.items()}
+
+
+def test_without_copies_the_drawn_split_is_the_plain_shuffle_of_the_records(folder_dataset):
+    """Grouping copies moves nothing else: a dataset without copies is split as it was before
+    copies were grouped, so the runs made since keep their test set."""
+    root, names = folder_dataset
+    order = list(range(len(names)))
+    random.Random(5).shuffle(order)
+    n = max(1, int(len(names) * 0.05))
+    plain = {"train": order[2 * n :], "val": order[:n], "test": order[n : 2 * n]}
+    expected = {k: [names[i] for i in idx] for k, idx in plain.items()}
+    assert split_names(data.load_splits("folder", root, seed=5), root) == expected
+
+
+def test_skip_bad_training_on_a_folder_with_bad_records_and_copies_trains(tmp_path, vision_dir, language_dir, capsys):
+    """--skip-bad leaves the bad records out, the split keeps the copies together, and training runs."""
+    cases = [FOLDER_CASES[k]() for k in ("zero-byte file", "text file named .jpg", "empty caption", "invalid JSON")]
+    root = tmp_path / "mine"
+    good, planted = write_jsonl_dataset(root, cases, truncated_images=["cut.png"])
+    lines = (root / "captions.jsonl").read_bytes()
+    (root / "copies").mkdir()
+    for name, caps in {**good, "cut.png": ["a small green cross"]}.items():  # the truncated one too
+        shutil.copy(root / name, root / "copies" / name)
+        lines += b"".join(jsonl_line(f"copies/{name}", c) + b"\n" for c in caps)
+    (root / "captions.jsonl").write_bytes(lines)
+    argv = ["--vision", str(vision_dir), "--language", str(language_dir), "--data", "folder", "--data-dir", str(root)]
+    argv += ["--batch-size", "4", "--max-steps", "2", "--no-eval", "--out", str(tmp_path / "run")]
+    with kept_rng(), pytest.raises(SystemExit, match=r"problem\(s\) in the folder data"):
+        train.main("explained", argv + ["--strict"])
+    with kept_rng():
+        run_dir = train.main("explained", argv + ["--skip-bad"])
+    printed = capsys.readouterr().out
+    assert f"{len(planted)} problem(s) in the folder data; --skip-bad leaves them out" in printed, printed
+    assert f"{N_GOOD + 1} picture(s) appear under more than one name" in printed, printed
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
+    config = json.loads((run_dir / "config.json").read_text())
+    where = splits_of_each_picture(data.splits_for(config))
+    assert all(len(s) == 1 for s in where.values()), where
+    # training decodes train and val: both copies of the truncated picture are left out there
+    decoded = where[data.file_digest(root / "cut.png")] <= {"train", "val"}
+    assert printed.count("--skip-bad: left out") == 2 * decoded, printed

@@ -320,6 +320,28 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p(top_p, keep):
     assert set(picks.tolist()) == expected
 
 
+@pytest.mark.parametrize("temperature, keep", [(2.0, 3), (0.5, 1), (1.0, 2)])
+def test_top_p_chooses_the_nucleus_of_the_tempered_distribution(temperature, keep):
+    """logits / T first, then the smallest prefix of those probabilities reaching p, sampled in
+    proportion to them. p = 0.7 keeps 2 tokens of [0.5, 0.3, 0.1, 0.06, 0.04] itself, 3 at T = 2
+    (0.351 + 0.272 + 0.157) and 1 at T = 0.5 (0.704): a nucleus chosen before the temperature,
+    or a temperature that multiplies, keeps the wrong tokens."""
+    probs = [0.5, 0.3, 0.1, 0.06, 0.04]
+    tempered = [q ** (1 / temperature) for q in probs]
+    tempered = [q / sum(tempered) for q in tempered]
+    nucleus = tempered[:keep]
+    expected = [q / sum(nucleus) for q in nucleus] + [0.0] * (len(probs) - keep)
+    order = torch.tensor([2, 4, 0, 3, 1])  # vocabulary position of each probability
+    logits = torch.empty(len(probs))
+    logits[order] = torch.tensor(probs).log()
+    n = 40000
+    picks = pick_token(logits[None].repeat(n, 1), "top-p", 50, 0.7, temperature, torch.Generator().manual_seed(0))
+    counts = torch.bincount(picks, minlength=len(probs))[order]
+    assert set(picks.tolist()) == set(order[:keep].tolist())
+    for got, want in zip((counts / n).tolist(), expected):
+        assert abs(got - want) < 0.015, ((counts / n).tolist(), expected)
+
+
 def test_seeded_sampling_is_reproducible():
     logits = torch.zeros(3, 100)  # flat: anything may come
     for strategy in ("top-k", "top-p"):

@@ -131,3 +131,47 @@ def test_backbones_of_the_same_shape_but_other_weights_are_refused(saved_runs, t
     with pytest.raises(ValueError, match="other backbone weights"):
         load_run(moved)
     load_run(run_dir)  # the original pairing still loads
+
+
+def reseeded(lm, config):
+    torch.manual_seed(123)
+    return type(lm)(config)
+
+
+def one_frozen_layer_changed(lm, config):
+    """The same token embeddings (and so the same first rows), another first decoder layer."""
+    with torch.no_grad():
+        lm.model.layers[0].mlp.down_proj.weight.mul_(-1)
+    return lm
+
+
+@pytest.mark.parametrize("change", [reseeded, one_frozen_layer_changed])
+def test_a_language_model_of_the_same_shape_but_other_weights_is_refused(make_model, tmp_path, change):
+    """The language side of the test above: a run trains only the last decoder layer here, so the
+    first one, the embeddings and the final norm are the frozen weights the checkpoint relies on."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, _, _, config = make_model("explained", train_layers=1)
+    run_dir = tmp_path / "run"
+    save_run(model, config, run_dir)
+    saved = json.loads((run_dir / "config.json").read_text())
+    original = AutoModelForCausalLM.from_pretrained(saved["language"])
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    changed = change(original, original.config)
+    after = changed.state_dict()
+    assert {k: v.shape for k, v in after.items()} == {k: v.shape for k, v in before.items()}
+    assert not all(torch.equal(after[k], v) for k, v in before.items())
+    other = tmp_path / "language-other"
+    changed.save_pretrained(other)
+    AutoTokenizer.from_pretrained(saved["language"]).save_pretrained(other)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(run_dir / "model.safetensors", moved)
+    (moved / "config.json").write_text(json.dumps({**saved, "language": str(other)}))
+    with pytest.raises(ValueError, match="other backbone weights") as e:
+        load_run(moved)
+    assert str(other) in str(e.value)
+    load_run(run_dir)  # the original pairing still loads
+    # a run saved before the frozen weights were fingerprinted still loads
+    (moved / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "frozen_fingerprint"}))
+    load_run(moved)
