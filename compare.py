@@ -3,25 +3,33 @@ The two variants side by side, over seeds, with intervals and verdicts.
 
     python compare.py --seeds 3                          # train both on the demo, seeds 0..2, then compare
     python compare.py --runs A1 A2 ... --vs B1 B2 ...    # finished runs of one variant against the other's
+        [--equal-flops C1 C2 ...]                        # ... and runs of the costlier one at the other's FLOPs
 
 Every run is scored on the same test images (runs scored on different test sets
-are refused) with greedy decoding. For each metric the report gives each
-variant's mean over seeds with a 95% t interval, and the difference
-(cross-attention minus self-attention) with a 95% interval: a paired bootstrap
-over test images and seeds for the per-image figures (the shapes skills, exact
-match), Welch's t interval over seeds for corpus figures (BLEU, METEOR, CIDEr,
-times). A verdict names the variant ahead only when the interval excludes zero.
+are refused) with greedy decoding. Seeds are the unit: each row gives each
+variant's mean over its seeds with a 95% t interval, and the difference
+(cross-attention minus self-attention) with a 95% t interval that adds the
+test images' sampling to the seeds' (stats.paired_difference; one value per run,
+as BLEU or a cost, has no image part). Conditional rows (direction needs both
+objects named right) use only the images where every run of both variants has a
+value, in both columns and the difference, and every row says how many images
+and seeds it rests on. A verdict names the variant ahead only when the interval
+excludes zero; otherwise it says no difference was detected and how large a
+difference the seeds could have detected (80% of the time).
 
-Equal compute: the validation score that training logs every few steps, against
-cumulative training FLOPs and training time, compared at the budget both reached.
+Equal compute: the cheaper variant's runs against runs of the costlier one trained
+to the same FLOPs budget with --max-flops, each with its own completed warmup
+and decay (not a curve read mid-schedule). Time is the process's CPU time:
+on a shared machine wall-clock time measures the neighbours too.
 
-Writes report.md, curves.png (validation score against steps, FLOPs and time),
+Writes report.md, curves.png (validation score against steps, FLOPs and CPU time),
 loss_curves.png, samples.png and attention.png (seed 0's runs) in --out.
 """
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -29,7 +37,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-import scipy.stats
 import torch
 import transformers
 
@@ -44,9 +51,19 @@ from runs import RunError, load_run, read_config
 
 COLOURS = {"explained": "tab:blue", "self_attention": "tab:orange"}
 ORDER = ("explained", "self_attention")  # the difference is reported as the first minus the second
-CATEGORY_SKILLS = ("objects", "direction", "flip_consistency")
+CATEGORY_SKILLS = ("objects", "direction", "direction_both_ways", "flip_consistency")
+COMPOSITIONAL_SKILLS = ("objects", "direction", "direction_both_ways")
+EQUAL_COMPUTE_SKILLS = ("objects", "direction", "direction_both_ways", "flip_consistency")
 CORPUS = ("BLEU-4", "METEOR", "ROUGE_L", "CIDEr")
-SUMMARY = ("train_time_s", "s_per_step", "train_flops", "final_val_loss")
+# (summary.json key, row name, scale): costs and the final loss, where lower is better
+COSTS = (
+    ("train_flops", "train_tflops", 1e12),
+    ("train_cpu_s", "train_cpu_s", 1),
+    ("cpu_s_per_step", "cpu_s_per_step", 1),
+    ("train_time_s", "train_wall_s", 1),
+    ("final_val_loss", "final_val_loss", 1),
+)
+LOWER_IS_BETTER = {name for _, name, _ in COSTS}
 
 
 def read_jsonl(path):
@@ -142,43 +159,64 @@ def plot_attention(runs, records, out, max_words=10):
 # the runs: trained here (resumable) or given
 
 
+def train_or_reuse(variant, run_dir, argv):
+    """A run finished before is reused, an interrupted one resumed, else it is trained."""
+    if (run_dir / "summary.json").is_file():
+        print(f"{run_dir}: finished before, reused")
+    elif list((run_dir / "checkpoints").glob("step-*")):
+        train.main(variant, ["--resume", str(run_dir), "--no-eval"])
+    else:
+        train.main(variant, ["--out", str(run_dir), "--no-eval", *argv])
+    return run_dir
+
+
+def mean_flops(runs):
+    return float(np.mean([json.loads((r / "summary.json").read_text())["train_flops"] for r in runs]))
+
+
 def train_seeds(args, out):
-    """{variant: [run dir per seed]}: seeds 0..N-1 of both variants, same data and budget; a run
-    finished before is reused, an interrupted one resumed."""
-    budget = ["--no-eval"] + (["--epochs", str(args.epochs)] if args.epochs else [])
-    budget += ["--max-steps", str(args.max_steps)] if args.max_steps else []
-    groups = {}
-    for variant in ORDER:
-        for seed in range(args.seeds):
-            run_dir = out / f"{variant}-seed{seed}"
-            if (run_dir / "summary.json").is_file():
-                print(f"{run_dir}: finished before, reused")
-            elif list((run_dir / "checkpoints").glob("step-*")):
-                train.main(variant, ["--resume", str(run_dir), "--no-eval"])
-            else:
-                train.main(variant, ["--out", str(run_dir), "--seed", str(seed), *budget])
-            groups.setdefault(variant, []).append(run_dir)
-    return groups
+    """({variant: [run dir per seed]}, {costlier variant: [run dir per seed]}): seeds 0..N-1 of both
+    variants with the same data and budget (the scripts' own runs: the same options), then the
+    costlier variant again with --max-flops at the cheaper one's training FLOPs."""
+    budget = (["--epochs", str(args.epochs)] if args.epochs else []) + (
+        ["--max-steps", str(args.max_steps)] if args.max_steps else []
+    )
+    groups = {
+        v: [train_or_reuse(v, out / f"{v}-seed{k}", ["--seed", str(k), *budget]) for k in range(args.seeds)]
+        for v in ORDER
+    }
+    cheaper, costlier = sorted(ORDER, key=lambda v: mean_flops(groups[v]))
+    flops = f"{mean_flops(groups[cheaper]):.6g}"
+    equal = [
+        train_or_reuse(
+            costlier, out / f"{costlier}-flops{flops}-seed{k}", ["--seed", str(k), "--max-flops", flops, *budget]
+        )
+        for k in range(args.seeds)
+    ]
+    return groups, {costlier: equal}
 
 
-def given_runs(first, second):
-    groups = {}
-    for paths in (first, second):
-        variants = {read_config(p)["variant"] for p in paths}
-        if len(variants) != 1:
-            raise RunError(f"{' '.join(paths)}: the runs of one side must all be of one variant, not {variants}")
-        groups[variants.pop()] = [Path(p) for p in paths]
+def variant_of(paths):
+    variants = {read_config(p)["variant"] for p in paths}
+    if len(variants) != 1:
+        raise RunError(f"{' '.join(map(str, paths))}: the runs of one side must all be of one variant, not {variants}")
+    return variants.pop()
+
+
+def given_runs(first, second, equal_flops=None):
+    groups = {variant_of(paths): [Path(p) for p in paths] for paths in (first, second)}
     if len(groups) != 2:
         raise RunError("--runs and --vs must be runs of the two different variants")
-    return groups
+    return groups, ({variant_of(equal_flops): [Path(p) for p in equal_flops]} if equal_flops else {})
 
 
 def evaluated(run_dir, split):
-    """eval_<split>.json of a run, evaluated now if it is missing or predates the skills."""
+    """eval_<split>.json of a run, evaluated now if it is missing or predates the current skills."""
     path = run_dir / f"eval_{split}.json"
     if path.is_file():
         figures = json.loads(path.read_text())
-        if "split_id" in figures and (figures.get("skills") or "attribute_accuracy" not in figures):
+        current = "direction_both_ways" in figures.get("skills", {}) or "attribute_accuracy" not in figures
+        if "split_id" in figures and current:
             return figures
     model, processor, tokenizer, config = load_run(run_dir)
     splits = data.splits_for(config, strict=False)
@@ -190,7 +228,8 @@ def evaluated(run_dir, split):
 
 
 def same_test_set(evals):
-    ids = {run: e["split_id"] for runs in evals.values() for run, e in runs.items()}
+    """evals: {run dir: figures} of every run in the comparison; all must be on one test set."""
+    ids = {run: e["split_id"] for run, e in evals.items()}
     if len(set(ids.values())) != 1:
         listing = ", ".join(f"{run}: {i}" for run, i in ids.items())
         raise RunError(
@@ -199,7 +238,15 @@ def same_test_set(evals):
 
 
 # -----------------------------------------------------------------------------
-# figures per seed and per image, and their intervals
+# the rows: per-image figures, figures of whole runs, costs
+
+
+@dataclass
+class Row:
+    name: str
+    means: dict  # {variant: (mean, low, high)} over its seeds, on the images the row rests on
+    diff: stats.Difference  # ORDER[0] - ORDER[1]
+    lower_is_better: bool = False
 
 
 def per_image(run_dir, split, key, category=None):
@@ -211,97 +258,98 @@ def per_image(run_dir, split, key, category=None):
         elif category is not None and p["skills"]["category"] != category:
             values.append(None)
         else:
-            values.append(p["skills"][key])
+            values.append(p["skills"].get(key))
     return values
 
 
-def image_metric(groups, split, key, category=None):
-    """(mean, low, high) per variant over seeds, and the paired bootstrap difference over images and seeds."""
-    arrays = {v: [per_image(r, split, key, category) for r in runs] for v, runs in groups.items()}
+def image_row(groups, split, key, category=None, name=None):
+    """Each variant's mean over seeds and the difference, on the images every run has a value for."""
+    arrays = {v: stats.floats([per_image(r, split, key, category) for r in runs]) for v, runs in groups.items()}
+    keep = stats.common_images(arrays[ORDER[0]], arrays[ORDER[1]])
     means = {
-        v: stats.mean_interval(
-            [np.nanmean(np.array([np.nan if x is None else x for x in row], dtype=float)) for row in a]
-        )
-        for v, a in arrays.items()
+        v: stats.mean_interval(x[:, keep].mean(1)) if keep.any() else (None, None, None) for v, x in arrays.items()
     }
-    return means, stats.paired_difference(arrays[ORDER[0]], arrays[ORDER[1]])
+    return Row(name or key, means, stats.paired_difference(arrays[ORDER[0]], arrays[ORDER[1]]))
 
 
-def seed_metric(values):
-    """The same from one value per seed: Welch's t interval for the difference of the means."""
+def run_row(name, values, lower_is_better=False):
+    """The same from one value per run: Welch's t over the runs."""
     means = {v: stats.mean_interval(x) for v, x in values.items()}
-    a, b = (np.asarray([x for x in values[v] if x is not None], dtype=float) for v in ORDER)
-    if len(a) < 2 or len(b) < 2:
-        return means, (float(a.mean() - b.mean()) if len(a) and len(b) else None, None, None)
-    interval = scipy.stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
-    return means, (float(a.mean() - b.mean()), float(interval.low), float(interval.high))
+    return Row(name, means, stats.seed_difference(values[ORDER[0]], values[ORDER[1]]), lower_is_better)
+
+
+def cost_rows(groups):
+    summaries = {v: [json.loads((r / "summary.json").read_text()) for r in runs] for v, runs in groups.items()}
+    return [
+        run_row(name, {v: [s.get(key) and s[key] / scale for s in summaries[v]] for v in groups}, True)
+        for key, name, scale in COSTS
+    ]
 
 
 def table_rows(groups, evals, split):
     rows = []
-    shapes_data = all("skills" in e for runs in evals.values() for e in runs.values())
-    if shapes_data:
-        rows += [(k, *image_metric(groups, split, k)) for k in skills.FIGURES]
-        for category in ("single", "pair_two_colours", "pair_one_colour"):
-            rows += [(f"{k} ({category})", *image_metric(groups, split, k, category)) for k in CATEGORY_SKILLS]
+    if all("skills" in evals[r] for runs in groups.values() for r in runs):
+        rows += [image_row(groups, split, k) for k in skills.FIGURES]
+        for category in skills.CATEGORIES:
+            rows += [image_row(groups, split, k, category, f"{k} ({category})") for k in CATEGORY_SKILLS]
         if all((r / "predictions_compositional.jsonl").is_file() for runs in groups.values() for r in runs):
-            rows += [
-                (f"{k} (compositional)", *image_metric(groups, "compositional", k)) for k in ("objects", "direction")
-            ]
-        blind = {v: [evals[v][r]["blind_skills"]["objects"]["accuracy"] for r in runs] for v, runs in groups.items()}
-        rows.append(("objects (blind control)", *seed_metric(blind)))
-    rows.append(("exact_match", *image_metric(groups, split, "exact_match")))
-    for k in CORPUS:
-        rows.append((k, *seed_metric({v: [evals[v][r].get(k) for r in runs] for v, runs in groups.items()})))
-    summaries = {v: [json.loads((r / "summary.json").read_text()) for r in runs] for v, runs in groups.items()}
-    for k in SUMMARY:
-        scale = 1e12 if k == "train_flops" else 1  # in TFLOP: the verdicts print three decimals
-        values = {v: [None if s.get(k) is None else s[k] / scale for s in summaries[v]] for v in groups}
-        rows.append(("train_tflops" if k == "train_flops" else k, *seed_metric(values)))
-    return rows
+            rows += [image_row(groups, "compositional", k, name=f"{k} (compositional)") for k in COMPOSITIONAL_SKILLS]
+    rows.append(image_row(groups, split, "exact_match"))
+    rows += [run_row(k, {v: [evals[r].get(k) for r in runs] for v, runs in groups.items()}) for k in CORPUS]
+    return rows + cost_rows(groups)
+
+
+def equal_flops_rows(groups, equal, evals, split):
+    """The cheaper variant's runs against the costlier one's runs at the same FLOPs budget."""
+    ((costlier, runs),) = equal.items()
+    matched = {v: (runs if v == costlier else groups[v]) for v in ORDER}
+    rows = []
+    if all("skills" in evals[r] for rs in matched.values() for r in rs):
+        rows += [image_row(matched, split, k) for k in EQUAL_COMPUTE_SKILLS]
+    return matched, rows + [image_row(matched, split, "exact_match")] + cost_rows(matched)
+
+
+def blind_control(groups, evals):
+    """{variant: mean objects accuracy with each image captioned from another's pixels}. Not a
+    comparison: it measures how often neighbouring test images share their objects."""
+    return {
+        v: float(np.mean([evals[r]["blind_skills"]["objects"]["accuracy"] for r in runs]))
+        for v, runs in groups.items()
+        if all("blind_skills" in evals[r] for r in runs)
+    }
 
 
 # -----------------------------------------------------------------------------
-# equal compute: the validation score logged during training
+# the validation score during training, for the curves
 
 
 def score_curve(run_dir):
-    """(steps, FLOPs, training seconds, score, score name) from a run's metrics.jsonl."""
+    """(steps, FLOPs, training CPU seconds, score, score name) from a run's metrics.jsonl."""
     rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "flops" in r]
     if not rows:
         raise RunError(f"{run_dir}: no validation scores in metrics.jsonl (trained before they were logged)")
     name = "val_objects" if "val_objects" in rows[0] else "val_bleu4"
-    columns = [np.array([r[k] for r in rows], dtype=float) for k in ("step", "flops", "train_time_s", name)]
+    clock = "train_cpu_s" if "train_cpu_s" in rows[0] else "train_time_s"
+    columns = [np.array([r[k] for r in rows], dtype=float) for k in ("step", "flops", clock, name)]
     return (*columns, name)
 
 
-def at_equal_compute(groups):
-    """{"flops" | "train_time_s": (budget, means, difference)}: each run's score at the largest
-    budget every run reached (interpolated between logged points)."""
+def plot_curves(groups, equal, out):
     curves = {v: [score_curve(r) for r in runs] for v, runs in groups.items()}
-    result = {}
-    for axis, column in (("flops", 1), ("train_time_s", 2)):
-        budget = min(c[column][-1] for cs in curves.values() for c in cs)
-        values = {v: [float(np.interp(budget, c[column], c[3])) for c in cs] for v, cs in curves.items()}
-        result[axis] = (budget, *seed_metric(values))
-    return result, curves
-
-
-def plot_curves(curves, budgets, out):
+    budget = {v: [score_curve(r) for r in runs] for v, runs in equal.items()}
     name = next(iter(curves.values()))[0][4]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for ax, (label, column) in zip(axes, (("optimizer step", 0), ("training FLOPs", 1), ("training time (s)", 2))):
-        for variant, cs in curves.items():
-            for k, c in enumerate(cs):
-                ax.plot(c[column], c[3], color=COLOURS[variant], alpha=0.7, label=NAMES[variant] if k == 0 else None)
-        key = {1: "flops", 2: "train_time_s"}.get(column)
-        if key:
-            ax.axvline(budgets[key][0], color="grey", linestyle="--", linewidth=1, label="the budget both reached")
+    for ax, (label, column) in zip(axes, (("optimizer step", 0), ("training FLOPs", 1), ("training CPU s", 2))):
+        for style, cs_by_variant in (("-", curves), ("--", budget)):
+            for variant, cs in cs_by_variant.items():
+                for k, c in enumerate(cs):
+                    label_k = NAMES[variant] + (" (equal FLOPs)" if style == "--" else "") if k == 0 else None
+                    ax.plot(c[column], c[3], style, color=COLOURS[variant], alpha=0.7, label=label_k)
         ax.set_xlabel(label)
         ax.set_ylabel(name.replace("_", " "))
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle("Validation score during training, one line per seed", fontsize=12)
+    fig.suptitle("Validation score during training, one line per seed (dashed: trained to the other's FLOPs)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -324,60 +372,100 @@ def interval(m):
     return fmt(mean) + ("" if low is None else f" [{fmt(low)}, {fmt(high)}]")
 
 
-LOWER_IS_BETTER = ("train_time_s", "s_per_step", "train_tflops", "final_val_loss")
+def say(row):
+    return stats.verdict(row.diff, NAMES[ORDER[0]], NAMES[ORDER[1]], lower_is_better=row.lower_is_better)
 
 
-def say(diff, name=""):
-    """The verdict in words; "ahead" means better, so for a cost the lower one is ahead."""
-    if name in LOWER_IS_BETTER and diff[1] is not None:
-        diff = (-diff[0], -diff[2], -diff[1])
-    return stats.verdict(*diff, NAMES[ORDER[0]], NAMES[ORDER[1]])
+def table(rows):
+    a, b = (NAMES[v] for v in ORDER)
+    lines = [
+        f"| metric | images | seeds | {a} | {b} | difference [95% CI] | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        d = row.diff
+        images = "runs" if d.n_images is None else str(d.n_images)
+        difference = "n/a" if d.diff is None else interval((d.diff, d.low, d.high))
+        lines.append(
+            f"| {row.name} | {images} | {d.seeds[0]} + {d.seeds[1]} | {interval(row.means[ORDER[0]])} | "
+            f"{interval(row.means[ORDER[1]])} | {difference} | {say(row)} |"
+        )
+    return lines
 
 
-def write_report(out, command, groups, rows, compute, attention, split, n_images):
+def applies(rows):
+    return [row for row in rows if row.diff.diff is not None]  # drop what applies to no image
+
+
+def write_report(out, command, groups, rows, equal, attention, references, blind, split, n_images):
     a, b = (NAMES[v] for v in ORDER)
     seeds = {v: len(r) for v, r in groups.items()}
-    rows = [row for row in rows if any(m[0] is not None for m in row[1].values())]  # drop what applies to no image
-    ahead = [(name, say(d, name)) for name, _, d in rows if d[1] is not None and (d[1] > 0 or d[2] < 0)]
+    rows = applies(rows)
+    ahead = [(row.name, say(row)) for row in rows if row.diff.detected]
     lines = [
         f"# {a.capitalize()} vs {b}",
         "",
         f"Produced by `{command}`: {seeds[ORDER[0]]} and {seeds[ORDER[1]]} seeds, the same {n_images} `{split}` "
         "images for every run (checked by content), greedy decoding.",
         "",
-        "Each cell is the mean over seeds with its 95% t interval. The difference is "
-        f"{a} minus {b}, with a 95% interval: a paired bootstrap over test images and seeds for per-image "
-        "figures, Welch's t over seeds for the others. A verdict names a variant only when the interval "
-        'excludes zero; "ahead" means better, so for times, FLOPs and losses the lower one is ahead.',
+        "Seeds are the unit. Each cell is the mean over a variant's seeds with its 95% t interval, on the images "
+        f"the row names (for conditional rows: those where every run of both has a value). The difference is {a} "
+        f"minus {b}, with a 95% t interval over seeds that adds the test images' sampling (Welch-Satterthwaite; "
+        "one value per run for corpus metrics and costs). A verdict names a variant only when the interval excludes "
+        f"zero, and a row on fewer than {stats.MIN_IMAGES} images says it has too few; otherwise it says how large "
+        f'a difference the seeds could have detected {100 * stats.POWER:.0f}% of the time. "ahead" means better: '
+        "for costs and losses the lower one.",
         "",
-        f"| metric | {a} | {b} | difference [95% CI] | verdict |",
-        "|---|---|---|---|---|",
     ]
-    for name, means, diff in rows:
-        d = "n/a" if diff[0] is None else interval(diff)
-        lines.append(
-            f"| {name} | {interval(means[ORDER[0]])} | {interval(means[ORDER[1]])} | {d} | {say(diff, name)} |"
-        )
+    if references:
+        lines += [
+            "Reading the direction rows: `direction` is scored where both objects are named right and is "
+            "0.5 only for a captioner whose relation is a coin flip; one with a fixed habit scores anything. "
+            "`direction_both_ways` scores each pair and its mirror image together: any captioner that does not read "
+            f"the direction scores exactly {skills.DIRECTION_CHANCE} (on these test scenes a captioner blind to the "
+            f"direction scores {fmt(references['blind to the direction'])}, a perfect one "
+            f"{fmt(references['perfect'])}). `flip_consistency` is 0, not 0.5, for a caption that does not change "
+            "under the mirror.",
+            "",
+        ]
+    lines += table(rows)
+    if blind:
+        lines += [
+            "",
+            "Blind control (each image captioned from another image's pixels, objects accuracy): "
+            + ", ".join(f"{NAMES[v]} {fmt(x)}" for v, x in blind.items())
+            + ". Not compared: it measures how often neighbouring test images share their objects.",
+        ]
     lines += ["", "## At equal compute", ""]
-    for axis, label in (("flops", "training FLOPs"), ("train_time_s", "seconds of training")):
-        budget, means, diff = compute[axis]
-        lines.append(
-            f"- at {fmt(budget)} {label} (the most every run reached): {a} {interval(means[ORDER[0]])}, "
-            f"{b} {interval(means[ORDER[1]])}; {say(diff)}"
-        )
-    lines += ["", "![validation score against steps, FLOPs and time](curves.png)", ""]
+    if equal:
+        matched, equal_rows = equal
+        costlier = next(v for v in ORDER if matched[v] is not groups[v])
+        lines += [
+            f"{NAMES[costlier].capitalize()} trained again with `--max-flops` at the other variant's training FLOPs: "
+            "each run has its own completed warmup and cosine decay. Time is the process's CPU time; "
+            "wall-clock seconds on a shared machine also measure whatever else it runs.",
+            "",
+            *table(applies(equal_rows)),
+        ]
+    else:
+        lines.append("No runs at equal FLOPs were given (`--equal-flops`): nothing to compare at equal compute.")
+    lines += ["", "![validation score against steps, FLOPs and CPU time](curves.png)", ""]
     if attention:
         lines += [
             "## Where each variant looks",
             "",
-            "Share of an object word's attention on that object's patches (seed 0, test pairs and singles), "
-            "against the share of the image those patches make up (attention spread evenly):",
+            "An object word's attention over the image (seed 0's runs, the first test images): the share on "
+            "the object it names; on pairs also the share on the other object, and the selectivity "
+            "named / (named + other) against what attention spread evenly over both objects gives.",
             "",
-            "| variant | object words | attention on the object | object's share of the image |",
-            "|---|---|---|---|",
+            "| variant | object words | on the named object | object's share of the image | pair words "
+            "| on the named | on the other | selectivity | if equal |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {NAMES[v]} | {r['object_words']} | {fmt(r['attention_on_object'])} | {fmt(r['object_area'])} |"
+            f"| {NAMES[v]} | {r['object_words']} | {fmt(r['attention_on_object'])} | {fmt(r['object_area'])} "
+            f"| {r['pair_words']} | {fmt(r['on_named_object'])} | {fmt(r['on_other_object'])} "
+            f"| {fmt(r['selectivity'])} | {fmt(r['selectivity_if_equal'])} |"
             for v, r in attention.items()
         ]
         lines += ["", "![attention](attention.png)", ""]
@@ -387,10 +475,9 @@ def write_report(out, command, groups, rows, compute, attention, split, n_images
     else:
         lines.append("- No difference between the variants was detected on any metric.")
     lines += [
-        f"- Everything else: no difference detected with {min(seeds.values())} seeds; a difference smaller than "
-        "the intervals shown can still exist.",
-        "- What it cannot show: other data, other budgets or other hyper-parameters (both use one preset), and "
-        "with few seeds the seed-level intervals are wide.",
+        f"- Everything else: no difference detected with {min(seeds.values())} seeds; each row's verdict says "
+        "how large a difference it could have detected.",
+        "- What it cannot show: other data, other budgets or other hyper-parameters (both use one preset).",
         "",
         "![loss curves](loss_curves.png)",
         "",
@@ -406,6 +493,7 @@ def main(argv=None):
     p.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 of each variant to train")
     p.add_argument("--runs", nargs="+", metavar="RUN", help="finished runs of one variant ...")
     p.add_argument("--vs", nargs="+", metavar="RUN", help="... against finished runs of the other")
+    p.add_argument("--equal-flops", nargs="+", metavar="RUN", help="runs of the costlier one at the other's FLOPs")
     p.add_argument("--out", default="runs/compare")
     p.add_argument("--split", default="test")
     p.add_argument("--epochs", type=positive_int, help="training budget for both (default: the preset's)")
@@ -420,20 +508,22 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python compare.py", *(argv if argv is not None else sys.argv[1:])])
     try:  # a wrong run folder, missing data or runs on other test sets: one line, no traceback
-        groups = given_runs(args.runs, args.vs) if args.runs else train_seeds(args, out)
-        evals = {v: {r: evaluated(r, args.split) for r in runs} for v, runs in groups.items()}
+        groups, equal = given_runs(args.runs, args.vs, args.equal_flops) if args.runs else train_seeds(args, out)
+        every_run = [r for runs in (*groups.values(), *equal.values()) for r in runs]
+        evals = {r: evaluated(r, args.split) for r in every_run}
         same_test_set(evals)
         rows = table_rows(groups, evals, args.split)
-        compute, curves = at_equal_compute(groups)
+        equal_rows = equal_flops_rows(groups, equal, evals, args.split) if equal else None
         first = {v: runs[0] for v, runs in groups.items()}
         splits = data.splits_for(read_config(first[ORDER[0]]), strict=False)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
-    plot_curves(curves, compute, out / "curves.png")
+    plot_curves(groups, equal, out / "curves.png")
     plot_losses(first, out / "loss_curves.png")
     plot_samples({v: read_jsonl(r / f"predictions_{args.split}.jsonl") for v, r in first.items()}, out / "samples.png")
-    attention = {}
+    attention, references = {}, {}
     if all(r.meta.get("objects") for r in splits[args.split]):
+        references = skills.direction_reference([r.meta for r in splits[args.split]])
         plot_attention(first, splits[args.split][:3], out / "attention.png")
         for v, run_dir in first.items():
             model, processor, tokenizer, config = load_run(run_dir)
@@ -444,8 +534,20 @@ def main(argv=None):
                 splits[args.split][: args.attention_images],
                 max_new_tokens=config["max_caption_tokens"] + 1,
             )
-    n_images = next(iter(next(iter(evals.values())).values()))["n_images"]
-    print(write_report(out, command, groups, rows, compute, attention, args.split, n_images))
+    n_images = evals[every_run[0]]["n_images"]
+    report = write_report(
+        out,
+        command,
+        groups,
+        rows,
+        equal_rows,
+        attention,
+        references,
+        blind_control(groups, evals),
+        args.split,
+        n_images,
+    )
+    print(report)
     print(f"comparison written to {out}")
 
 

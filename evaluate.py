@@ -112,17 +112,58 @@ def quick_score(model, processor, tokenizer, records, device, **decode_kwargs):
 OBJECT_WORDS = re.compile(rf"\b({'|'.join(shapes.COLOURS)})\s+({'|'.join(shapes.SHAPES)})\b")
 
 
+def patch_cover(mask, grid):
+    """Which of the grid x grid patches a CANVAS x CANVAS object mask touches ([grid * grid] bool)."""
+    cell = mask.shape[0] // grid
+    return mask.reshape(grid, cell, grid, cell).any((1, 3)).reshape(-1)
+
+
+def attention_shares(weights, named, other=None):
+    """One object word's attention over the patches ([P], summing to 1) split by object.
+
+    weights is a numpy array; named and other are [P] bool covers of the object the word names and of the pair's other
+    object. {"named", "area"} and, for a pair, {"other", "selectivity", "equal"}: selectivity is
+    named / (named + other) (None when neither object gets any attention), equal is what
+    attention spread evenly over both objects' patches would give (the named object's share of
+    their patches)."""
+    row = {"named": float(weights[named].sum()), "area": float(named.mean())}
+    if other is not None:
+        row["other"] = float(weights[other].sum())
+        both = row["named"] + row["other"]
+        row["selectivity"] = row["named"] / both if both > 0 else None
+        row["equal"] = float(named.sum() / (named.sum() + other.sum()))
+    return row
+
+
+def summarise_shares(rows):
+    """The mean of each share over the words it applies to, and how many words that is."""
+    pairs = [r for r in rows if "other" in r]
+    selective = [r for r in pairs if r["selectivity"] is not None]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None
+    return {
+        "object_words": len(rows),
+        "attention_on_object": mean([r["named"] for r in rows]),
+        "object_area": mean([r["area"] for r in rows]),
+        "pair_words": len(pairs),
+        "on_named_object": mean([r["named"] for r in pairs]),
+        "on_other_object": mean([r["other"] for r in pairs]),
+        "selectivity": mean([r["selectivity"] for r in selective]),
+        "selectivity_if_equal": mean([r["equal"] for r in selective]),
+    }
+
+
 @torch.no_grad()
 def attention_on_objects(model, processor, tokenizer, records, device="cpu", max_new_tokens=33):
-    """How much of each object word's attention falls on that object's patches, as a number.
+    """Where each object word looks, as numbers (attention_shares, summarised).
 
-    For each shapes image the greedy caption is generated; for every shape word that names
-    one of the scene's objects (by colour and shape), the attention of the position that
-    produced it (model.image_attention) is summed over the patches the object covers. Returns
-    the mean of that share over all such words, and the mean share of the image those patches
-    make up: what attention spread evenly would give."""
+    For each shapes image the greedy caption is generated; for every shape word that names one
+    of the scene's objects (by colour and shape), the attention of the position that produced it
+    (model.image_attention) is summed over the patches of the object it names and, on pairs, of
+    the other object. On pairs, attention that finds the object it names gives a selectivity
+    near 1; attention on both objects alike gives selectivity_if_equal, whatever it does with the
+    background."""
     eos = tokenizer.eos_token_id
-    shares, areas = [], []
+    rows = []
     for r in records:
         pixels = processor(images=[data.read_image(r.image)], return_tensors="pt")["pixel_values"].to(device)
         state = model.encode_images(pixel_values=pixels)
@@ -133,22 +174,16 @@ def attention_on_objects(model, processor, tokenizer, records, device="cpu", max
         grid = int(weights.shape[-1] ** 0.5)
         ends = [len(tokenizer.decode(tokens[: k + 1])) for k in range(len(tokens))]  # where each token's text ends
         text = tokenizer.decode(tokens)
-        named = {(o["colour"], o["shape"]): mask for o, mask in zip(r.meta["objects"], shapes.object_masks(r.meta))}
+        covers = [patch_cover(m, grid) for m in shapes.object_masks(r.meta)]
+        named = {(o["colour"], o["shape"]): k for k, o in enumerate(r.meta["objects"])}
         for match in OBJECT_WORDS.finditer(text):
-            mask = named.get(match.groups())
-            if mask is None:
+            j = named.get(match.groups())
+            if j is None:
                 continue
             k = next(k for k, end in enumerate(ends) if end >= match.end(2))  # the token completing the shape word
-            cell = mask.shape[0] // grid
-            covered = torch.from_numpy(mask.reshape(grid, cell, grid, cell).any((1, 3)).reshape(-1)).to(device)
-            shares.append(float(weights[k][covered].sum()))
-            areas.append(float(covered.float().mean()))
-    n = len(shares)
-    return {
-        "object_words": n,
-        "attention_on_object": sum(shares) / n if n else None,
-        "object_area": sum(areas) / n if n else None,
-    }
+            other = covers[1 - j] if len(covers) == 2 else None
+            rows.append(attention_shares(weights[k].float().cpu().numpy(), covers[j], other))
+    return summarise_shares(rows)
 
 
 def mirrored_captions(model, processor, tokenizer, records, batch_size, device, **decode_kwargs):

@@ -14,7 +14,14 @@ Every per-image figure is True, False or None (None: the figure does not apply t
   direction             same images: the relation right, read in the order the caption names
                         the objects; a wrong axis or no relation read is a wrong direction
   direction_given_axis  direction, among the images whose axis is right
-  flip_consistency      pairs with a mirrored caption: see flip_consistent
+  flip_consistency      pairs with a mirrored caption: see flip_consistent. A captioner whose caption
+                        does not change under the mirror scores 0 here, not 0.5
+  direction_both_ways   pairs with a mirrored caption, both captions naming the two objects right on
+                        the right axis: the mean of the direction's correctness on the image and on
+                        its mirror (0, 0.5 or 1). The mirror differs from the image in the direction
+                        alone, so a captioner that does not read the direction states the same
+                        relation for both and scores exactly 0.5, whatever its naming order or
+                        template; one that reads it scores 1. DIRECTION_CHANCE and _CEILING.
 
 category is "single", "pair_two_colours" or "pair_one_colour".
 """
@@ -25,7 +32,7 @@ from collections import Counter
 
 from PIL import ImageOps
 
-from shapes import COLOURS, RELATIONS, SHAPES, SIZES
+from shapes import CANVAS, COLOURS, RELATIONS, SHAPES, SIZES, describe, phrase
 
 FIGURES = (
     "objects",
@@ -37,7 +44,9 @@ FIGURES = (
     "direction",
     "direction_given_axis",
     "flip_consistency",
+    "direction_both_ways",
 )
+DIRECTION_CHANCE, DIRECTION_CEILING = 0.5, 1.0  # of direction_both_ways, see above
 CATEGORIES = ("single", "pair_two_colours", "pair_one_colour")
 HORIZONTAL = ("to the left of", "to the right of")
 
@@ -104,8 +113,30 @@ def flip_consistent(caption_original, caption_mirrored, scene):
     return claim_mirrored == RELATIONS[claim_original]
 
 
+def _relation_read(reading, scene):
+    """(axis right, direction right) of a caption's reading, or None unless it names exactly the
+    scene's two objects ((colour, shape) is unique within a scene, so it says which is which)."""
+    objects = reading[0]
+    truth = [(o["colour"], o["shape"]) for o in scene["objects"]]
+    if scene["relation"] is None or len(objects) != 2 or {(c, s) for _, c, s in objects} != set(truth):
+        return None
+    claim = _claim(reading, truth[0], truth[1])
+    return claim is not None and _axis(claim) == _axis(scene["relation"]), claim == scene["relation"]
+
+
+def direction_both_ways(caption, mirrored_caption, scene):
+    """See the module's docstring: 0, 0.5 or 1, or None where it does not apply."""
+    if scene["relation"] is None or mirrored_caption is None:
+        return None
+    here = _relation_read(read_caption(caption), scene)
+    there = _relation_read(read_caption(mirrored_caption), mirrored_scene(scene, CANVAS, CANVAS))
+    if here is None or there is None or not (here[0] and there[0]):
+        return None
+    return (here[1] + there[1]) / 2
+
+
 def image_skills(caption, scene, mirrored_caption=None):
-    """{figure: True/False/None for each of FIGURES, "category": str} for one image."""
+    """{figure: True/False/None (0/0.5/1 for direction_both_ways) for each of FIGURES, "category": str}."""
     objects, relation = reading = read_caption(caption)
     truth = [(o["size"], o["colour"], o["shape"]) for o in scene["objects"]]
     row = {
@@ -119,15 +150,15 @@ def image_skills(caption, scene, mirrored_caption=None):
         "direction": None,
         "direction_given_axis": None,
         "flip_consistency": None,
+        "direction_both_ways": None,
     }
-    if scene["relation"] is not None and row["objects"] and len(objects) == 2:
-        # (colour, shape) is unique within a scene, so it says which named object is objects[0]
-        claim = _claim(reading, truth[0][1:], truth[1][1:])
-        row["axis"] = claim is not None and _axis(claim) == _axis(scene["relation"])
-        row["direction"] = claim == scene["relation"]
+    read = _relation_read(reading, scene)
+    if read is not None:
+        row["axis"], row["direction"] = read
         row["direction_given_axis"] = row["direction"] if row["axis"] else None
     if mirrored_caption is not None:
         row["flip_consistency"] = flip_consistent(caption, mirrored_caption, scene)
+        row["direction_both_ways"] = direction_both_ways(caption, mirrored_caption, scene)
     return row
 
 
@@ -141,7 +172,7 @@ def per_image_skills(captions, scenes, mirrored_captions=None):
         )
     mirrored_captions = mirrored_captions or [None] * len(scenes)
     rows = [image_skills(c, s, m) for c, s, m in zip(captions, scenes, mirrored_captions)]
-    columns = {f: [None if r[f] is None else int(r[f]) for r in rows] for f in FIGURES}
+    columns = {f: [int(r[f]) if isinstance(r[f], bool) else r[f] for r in rows] for f in FIGURES}
     columns["category"] = [r["category"] for r in rows]
     return columns
 
@@ -177,8 +208,13 @@ def mirror(image, scene):
     generator never draws; render_scene(mirrored scene) is that scene with upright triangles."""
     if scene["relation"] is None:
         return None
+    horizontal = scene["relation"] in HORIZONTAL
+    return (ImageOps.mirror(image) if horizontal else ImageOps.flip(image)), mirrored_scene(scene, *image.size)
+
+
+def mirrored_scene(scene, width, height):
+    """The scene of a pair mirrored left-right (a left/right pair) or top-bottom (above/below)."""
     mirrored = copy.deepcopy(scene)
-    width, height = image.size
     horizontal = scene["relation"] in HORIZONTAL
     for o in mirrored["objects"]:
         if horizontal:
@@ -186,4 +222,24 @@ def mirror(image, scene):
         else:
             o["y"] = height - o["y"]
     mirrored["relation"] = RELATIONS[scene["relation"]]
-    return (ImageOps.mirror(image) if horizontal else ImageOps.flip(image)), mirrored
+    return mirrored
+
+
+def direction_reference(scenes):
+    """direction_both_ways of two reference captioners on these scenes' pairs: "perfect" (each
+    image's and each mirror's first reference caption) and "blind to the direction" (the objects
+    named right in the scene's order, on the right axis, always "to the left of" or "above").
+    The levels a trained run sits between: DIRECTION_CEILING and DIRECTION_CHANCE."""
+    pairs = [s for s in scenes if s["relation"] is not None]
+    mirrors = [mirrored_scene(s, CANVAS, CANVAS) for s in pairs]
+
+    def blind(scene):
+        a, b = scene["objects"]
+        return f"{phrase(a)} {'to the left of' if scene['relation'] in HORIZONTAL else 'above'} {phrase(b)}"
+
+    result = {}
+    for name, captioner in (("perfect", lambda s: describe(s)[0]), ("blind to the direction", blind)):
+        values = [direction_both_ways(captioner(s), captioner(m), s) for s, m in zip(pairs, mirrors)]
+        values = [v for v in values if v is not None]
+        result[name] = sum(values) / len(values) if values else None
+    return result

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pycocoevalcap.bleu.bleu import Bleu
@@ -123,8 +124,9 @@ def meteor():
 
 @pytest.fixture
 def shared_meteor(monkeypatch, meteor):
-    """caption_metrics gets the module's METEOR scorer instead of starting a JVM of its own."""
-    monkeypatch.setattr(meteor_module, "Meteor", lambda: meteor)
+    """caption_metrics gets the module's METEOR scorer instead of starting a JVM of its own
+    (evaluate holds its own name for the class: patching pycocoevalcap's would not reach it)."""
+    monkeypatch.setattr(evaluate, "Meteor", lambda: meteor)
     return meteor
 
 
@@ -162,7 +164,7 @@ def test_without_java_meteor_is_skipped_and_a_plain_tokenizer_is_used(tmp_path, 
     def no_java(*args, **kwargs):
         raise AssertionError("Java was started although it is missing")
 
-    monkeypatch.setattr(meteor_module, "Meteor", no_java)
+    monkeypatch.setattr(evaluate, "Meteor", no_java)
     monkeypatch.setattr(ptbtokenizer.PTBTokenizer, "tokenize", no_java)
     got = evaluate.caption_metrics(predictions)
 
@@ -372,3 +374,47 @@ def evaluate_refusals(runs_without_data, duocap_cache, tmp_path_factory):
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_evaluate_refuses_a_bad_run_folder_missing_data_or_a_bad_value_in_one_line(evaluate_refusals, case):
     assert_refused(*evaluate_refusals[case])
+
+
+# attention selectivity on pairs: the named object's share against the other object's
+
+
+def synthetic_pair(grid=8):
+    """A pair scene drawn on the canvas and its two objects' patch covers on a grid x grid image."""
+    scene = {
+        "objects": [
+            {"colour": "red", "shape": "square", "size": "large", "x": 16.0, "y": 32.0},
+            {"colour": "blue", "shape": "circle", "size": "small", "x": 48.0, "y": 32.0},
+        ],
+        "relation": "to the left of",
+    }
+    named, other = (evaluate.patch_cover(m, grid) for m in shapes.object_masks(scene))
+    assert named.any() and other.any() and not (named & other).any()
+    return named, other
+
+
+def spread(cover):
+    """Attention spread evenly over the patches of cover."""
+    return cover / cover.sum()
+
+
+def test_attention_selectivity_on_the_named_object_both_objects_and_the_background():
+    named, other = synthetic_pair()
+    on_named = evaluate.attention_shares(spread(named.astype(float)), named, other)
+    assert (on_named["named"], on_named["other"], on_named["selectivity"]) == pytest.approx((1, 0, 1))
+    both = evaluate.attention_shares(spread((named | other).astype(float)), named, other)
+    equal = named.sum() / (named.sum() + other.sum())  # the large square covers more patches
+    assert both["selectivity"] == pytest.approx(equal) == pytest.approx(both["equal"]) and equal > 0.5
+    on_other = evaluate.attention_shares(spread(other.astype(float)), named, other)
+    assert on_other["selectivity"] == 0.0
+    background = ~(named | other)
+    nowhere = evaluate.attention_shares(spread(background.astype(float)), named, other)
+    assert (nowhere["named"], nowhere["other"], nowhere["selectivity"]) == (0.0, 0.0, None)
+    # the summary: means over the words each share applies to, None-selectivity words left out
+    single = evaluate.attention_shares(spread(named.astype(float)), named)
+    summary = evaluate.summarise_shares([on_named, both, nowhere, single])
+    assert (summary["object_words"], summary["pair_words"]) == (4, 3)
+    assert summary["selectivity"] == pytest.approx((1 + equal) / 2)
+    assert summary["selectivity_if_equal"] == pytest.approx(equal)
+    assert summary["on_other_object"] == pytest.approx(np.mean([0, both["other"], 0]))
+    assert summary["object_area"] == pytest.approx(named.mean())

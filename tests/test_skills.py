@@ -359,3 +359,45 @@ def test_describe_of_a_mirrored_scene_is_flip_consistent():
             assert skills.flip_consistent(original, original, scene) is False
             assert skills.image_skills(flipped, mirrored)["direction"] is True
             assert skills.image_skills(original, mirrored)["direction"] is False
+
+
+# direction_both_ways: its chance level (a captioner that does not read the direction) is exactly
+# DIRECTION_CHANCE and its ceiling DIRECTION_CEILING
+
+
+def test_direction_both_ways_is_one_half_without_the_direction_and_one_with_it():
+    pairs, singles = rendered_scenes(n_pairs=200)
+    levels = skills.direction_reference(pairs + singles)
+    assert levels == {"perfect": skills.DIRECTION_CEILING, "blind to the direction": skills.DIRECTION_CHANCE}
+    assert (skills.DIRECTION_CHANCE, skills.DIRECTION_CEILING) == (0.5, 1.0)
+
+    # any captioner that ignores the direction says the same of an image and its mirror: one of the
+    # two is right, whichever relation it picks and in whichever order it names the objects
+    rng = random.Random(1)
+    for scene in pairs:
+        a, b = (shapes.phrase(o) for o in scene["objects"])
+        horizontal = scene["relation"] in skills.HORIZONTAL
+        relation = rng.choice(["to the left of", "to the right of"] if horizontal else ["above", "below"])
+        first, second = (a, b) if rng.random() < 0.5 else (b, a)
+        caption = f"{first} {relation} {second}"
+        assert skills.direction_both_ways(caption, caption, scene) == 0.5
+        right = shapes.describe(scene)[0]
+        mirrored = shapes.describe(skills.mirrored_scene(scene, shapes.CANVAS, shapes.CANVAS))[0]
+        assert skills.direction_both_ways(right, mirrored, scene) == 1.0
+        assert skills.direction_both_ways(mirrored, right, scene) == 0.0  # backwards both times
+
+
+def test_direction_both_ways_applies_only_where_both_captions_name_the_objects_on_the_right_axis():
+    right, mirrored = (
+        "a small red circle to the left of a large blue square",
+        "a small red circle to the right of a large blue square",
+    )
+    assert skills.direction_both_ways(right, mirrored, PAIR) == 1.0
+    assert skills.direction_both_ways(right, "a small red circle above a large blue square", PAIR) is None  # axis
+    assert skills.direction_both_ways(right, "a small red circle to the right of a green cross", PAIR) is None
+    assert skills.direction_both_ways(right, None, PAIR) is None
+    assert skills.direction_both_ways("a large green cross", "a large green cross", SINGLE) is None
+    row = skills.image_skills(right, PAIR, mirrored)
+    assert row["direction_both_ways"] == 1.0 and row["flip_consistency"] is True
+    columns = skills.per_image_skills([right, right], [PAIR, PAIR], [mirrored, right])
+    assert columns["direction_both_ways"] == [1.0, 0.5]

@@ -1,9 +1,12 @@
-"""stats.py: t intervals over seeds, the paired bootstrap over images (and seeds), verdicts."""
+"""stats.py: t intervals over seeds, the seeds-and-images interval of a difference and the level it
+holds (simulated), the detectable size, verdicts."""
 
 import math
 
 import numpy as np
 import pytest
+import scipy.stats
+from scipy.special import expit
 
 import stats
 
@@ -14,11 +17,8 @@ def test_mean_interval_matches_the_t_interval():
     half = 2.776445105 * math.sqrt(0.5)
     assert mean == pytest.approx(3)
     assert (low, high) == pytest.approx((3 - half, 3 + half), abs=1e-6)
-    # [0.71, 0.74, 0.69]: mean 0.7133.., sd 0.025166, t(0.95, df=2) = 2.919985580 (90% interval)
     mean, low, high = stats.mean_interval([0.71, 0.74, 0.69], confidence=0.90)
-    sd = math.sqrt(((0.71 - 0.2140 / 0.3) ** 2 + (0.74 - 0.2140 / 0.3) ** 2 + (0.69 - 0.2140 / 0.3) ** 2) / 2)
-    half = 2.919985580 * sd / math.sqrt(3)
-    assert mean == pytest.approx(2.14 / 3)
+    half = 2.919985580 * np.std([0.71, 0.74, 0.69], ddof=1) / math.sqrt(3)  # t(0.95, df=2)
     assert (low, high) == pytest.approx((2.14 / 3 - half, 2.14 / 3 + half), abs=1e-6)
 
 
@@ -27,106 +27,126 @@ def test_mean_interval_edge_cases():
     assert stats.mean_interval([0.7, None, float("nan")]) == (0.7, None, None)
     assert stats.mean_interval([]) == (None, None, None)
     assert stats.mean_interval([0.5, 0.5, 0.5]) == (0.5, 0.5, 0.5)
-    mean, low, high = stats.mean_interval([1, None, 2, 3, 4, 5])  # None ignored
-    assert mean == pytest.approx(3) and low == pytest.approx(3 - 2.776445105 * math.sqrt(0.5), abs=1e-6)
 
 
-def flipped(a, fraction, rng, to=0):
-    """a copy of the 0/1 scores a with `fraction` of all images (among those scoring 1 - to) set to `to`."""
-    b = a.copy()
-    k = int(round(fraction * len(a)))
-    b[rng.choice(np.flatnonzero(a != to), size=k, replace=False)] = to
-    return b
-
-
-def test_known_difference_is_covered_and_zero_is_excluded():
+def test_without_an_image_component_the_interval_is_welchs_over_the_seed_means():
+    """Scores x_k + s_i (seed i of a) and x_k + t_j (seed j of b): every image shows the same
+    difference and nothing is left after the seed and image effects, so the image component is
+    zero and the interval is Welch's t over the per-seed means, with Welch-Satterthwaite's df."""
     rng = np.random.default_rng(0)
-    n = 2000
-    a = (rng.random(n) < 0.7).astype(float)
-    b = flipped(a, 0.05, rng)  # 100 of a's right answers made wrong: a - b is exactly 0.05
-    diff, low, high = stats.paired_difference(a, b)
-    assert diff == pytest.approx(0.05)
-    assert 0 < low < 0.05 < high
-    # paired: the spread is that of the 5% of images that differ (sd of a - b = sqrt(.05 * .95)),
-    # about 1.96 * 0.0049 each side; an unpaired bootstrap would be about 0.028 each side
-    se = math.sqrt(0.05 * 0.95 / n)
-    assert (low, high) == pytest.approx((0.05 - 1.96 * se, 0.05 + 1.96 * se), abs=0.0025)
-    # and the other way round
-    diff, low, high = stats.paired_difference(b, a)
-    assert diff == pytest.approx(-0.05) and low < -0.05 < high < 0
-    assert stats.verdict(*stats.paired_difference(a, b), "explained", "self_attention").startswith(
-        "explained ahead by 0.050 (95% CI [0.0"
-    )
+    x = rng.random(200)
+    s, t = np.array([0.10, 0.16, 0.13]), np.array([0.02, 0.09, 0.03, 0.01])
+    a, b = x + s[:, None], x + t[:, None]
+    d = stats.paired_difference(a, b)
+    welch = scipy.stats.ttest_ind(a.mean(1), b.mean(1), equal_var=False)
+    low, high = welch.confidence_interval(0.95)
+    assert d.diff == pytest.approx(s.mean() - t.mean())
+    assert (d.low, d.high) == pytest.approx((low, high), abs=1e-9)
+    assert d.df == pytest.approx(welch.df) and (d.n_images, d.seeds) == (200, (3, 4))
+    # one value per run (a corpus metric, a cost): the same interval, and no image count
+    r = stats.seed_difference(a.mean(1), b.mean(1))
+    assert (r.low, r.high) == pytest.approx((low, high), abs=1e-9) and r.n_images is None
 
 
-def test_no_difference():
+def test_images_that_disagree_about_the_difference_widen_the_interval():
+    """The same seed means, but a is better on some images and worse on others (an image-by-variant
+    effect): these test images are then one draw of many, and the interval says so."""
     rng = np.random.default_rng(1)
-    a = (rng.random(1000) < 0.6).astype(float)
-    # the same score on other images: 60 right answers lost, 60 others gained
-    b = flipped(flipped(a, 0.06, rng, to=0), 0.06, rng, to=1)
-    assert (a != b).sum() >= 60 and a.mean() == b.mean()
-    diff, low, high = stats.paired_difference(a, b)
-    assert diff == 0 and low < 0 < high
-    assert stats.verdict(diff, low, high, "A", "B").startswith("no difference detected (95% CI [-0.0")
-    assert stats.paired_difference(a, a.copy()) == (0.0, 0.0, 0.0)
-    assert "covers 0" in stats.verdict(*stats.paired_difference(a, a.copy()), "A", "B")
+    x = rng.random(200)
+    s, t = np.array([0.10, 0.16, 0.13]), np.array([0.02, 0.09, 0.03])
+    swing = np.where(np.arange(200) % 2 == 0, 0.3, -0.3)  # mean 0: the seed means are unchanged
+    plain = stats.paired_difference(x + s[:, None], x + t[:, None])
+    swung = stats.paired_difference(x + swing + s[:, None], x + t[:, None])
+    assert swung.diff == pytest.approx(plain.diff)
+    # the image component is var(swing) / 200 = 0.09 / 200, exactly, next to the seeds' part
+    assert swung.se**2 == pytest.approx(plain.se**2 + 0.09 * 200 / 199 / 200, rel=1e-9)
 
 
-def test_the_bootstrap_is_reproducible_and_its_level_is_used():
-    rng = np.random.default_rng(2)
-    a = (rng.random(500) < 0.6).astype(float)
-    b = (rng.random(500) < 0.5).astype(float)
-    assert stats.paired_difference(a, b, seed=3) == stats.paired_difference(a, b, seed=3)
-    _, low95, high95 = stats.paired_difference(a, b)
-    _, low80, high80 = stats.paired_difference(a, b, confidence=0.8)
-    assert low95 < low80 < high80 < high95
+def binary_runs(rng, comparisons, seeds, images=500, accuracy_logit=0.5, seed_sd=0.2, image_sd=1.5, gap=0.0):
+    """[comparisons, seeds, images] 0/1 outcomes for two variants: logit = base + image effect
+    (shared by every run) + seed effect (one per run) + gap for a only."""
+    image = rng.normal(0, image_sd, (comparisons, 1, images))
+    a = expit(accuracy_logit + gap + image + rng.normal(0, seed_sd, (comparisons, seeds, 1)))
+    b = expit(accuracy_logit + image + rng.normal(0, seed_sd, (comparisons, seeds, 1)))
+    return (rng.random(a.shape) < a).astype(float), (rng.random(b.shape) < b).astype(float)
 
 
-def test_missing_entries_are_dropped_pairwise():
-    a = [1, 1, None, 1, 0, 1, float("nan"), 1]
-    b = [0, 1, 1, None, 0, 0, 0, 1]
-    # images 2, 3 and 6 lack one score; treating a missing score as 0 would give another mean
-    diff, low, high = stats.paired_difference(a, b, n_resamples=500)
-    assert diff == pytest.approx(np.mean([1 - 0, 1 - 1, 0 - 0, 1 - 0, 1 - 1]))
-    assert low <= diff <= high
-    assert stats.paired_difference([None, 1], [1, None]) == (None, None, None)
-    assert stats.verdict(None, None, None, "A", "B").startswith("no comparison")
+@pytest.mark.parametrize("seeds", [3, 5])
+def test_with_no_true_difference_the_interval_excludes_zero_at_most_6_percent_of_the_time(seeds):
+    """The demo's seed spread: per-seed accuracies 0.03-0.05 apart (checked), 500 shared images."""
+    rng = np.random.default_rng(seeds)
+    a, b = binary_runs(rng, 1000, seeds)
+    spread = a.mean(2).std(1, ddof=1).mean()
+    assert 0.03 <= spread <= 0.05
+    found = np.mean([stats.paired_difference(x, y).excludes_zero for x, y in zip(a, b)])
+    assert found <= 0.06, f"{found:.3f} of 1000 comparisons found a difference where there is none"
+
+
+@pytest.mark.parametrize("seeds", [3, 5])
+def test_a_difference_as_large_as_the_stated_detectable_size_is_detected_80_percent_of_the_time(seeds):
+    rng = np.random.default_rng(10 + seeds)
+    a, b = binary_runs(rng, 1000, seeds)
+    stated = np.mean([stats.paired_difference(x, y).detectable for x, y in zip(a, b)])
+    # the logit gap that moves the expected accuracy by `stated`
+    image = rng.normal(0, 1.5, 200_000)
+    gap = scipy.optimize.brentq(lambda g: (expit(0.5 + g + image) - expit(0.5 + image)).mean() - stated, 0, 3)
+    a, b = binary_runs(rng, 1000, seeds, gap=gap)
+    found = np.mean([stats.paired_difference(x, y).detected for x, y in zip(a, b)])
+    assert found >= 0.8, f"a true difference of {stated:.3f} was detected in {found:.3f} of comparisons"
+
+
+def test_with_an_image_by_variant_effect_the_level_still_holds():
+    """Each variant has image-specific strengths (a fresh draw of test images would move the
+    difference) but none on average: leaving the image component out would find differences."""
+    rng = np.random.default_rng(7)
+    found = []
+    for _ in range(20):  # 20 batches of 50: a fresh image set each
+        a, b = binary_runs(rng, 50, 3, images=300)
+        logits = rng.normal(0, 0.6, (2, 300))  # the variant-by-image effect, mean 0
+        a = (rng.random(a.shape) < expit(0.5 + logits[0] + rng.normal(0, 0.2, (50, 3, 1)))).astype(float)
+        b = (rng.random(b.shape) < expit(0.5 + logits[1] + rng.normal(0, 0.2, (50, 3, 1)))).astype(float)
+        found += [stats.paired_difference(x, y).excludes_zero for x, y in zip(a, b)]
+    assert np.mean(found) <= 0.06
+
+
+def test_only_images_every_run_scored_count():
+    a = [[1, 1, None, 1, 0, 1], [1, 0, 1, 1, 0, None]]
+    b = [[0, 1, 1, None, 0, 0], [0, 1, 1, 1, 1, 0]]
+    # images 0, 1 and 4 have a value in all four runs
+    assert list(stats.common_images(stats.floats(a), stats.floats(b))) == [True, True, False, False, True, False]
+    d = stats.paired_difference(a, b)
+    assert d.n_images == 3
+    assert d.diff == pytest.approx(np.mean([(1 + 1 + 0) / 3, (1 + 0 + 0) / 3]) - np.mean([1 / 3, 2 / 3]))
+    assert stats.paired_difference([[None, 1]], [[1, None]]).diff is None
     with pytest.raises(ValueError):
         stats.paired_difference([1, 0, 1], [1, 0])
 
 
-def test_seeds_axis():
-    rng = np.random.default_rng(4)
-    n = 1000
-    base = (rng.random(n) < 0.7).astype(float)
-    # every seed of a is 0.05 ahead of b's seeds on the same images: the seeds agree
-    a = np.stack([base] * 3)
-    b = np.stack([flipped(base, 0.05, rng) for _ in range(4)])  # the seed counts may differ
-    diff, low, high = stats.paired_difference(a, b)
-    assert diff == pytest.approx(0.05)
-    assert 0 < low < 0.05 < high
+def test_one_seed_gives_a_difference_but_no_interval():
+    d = stats.paired_difference([1, 0, 1, 1] * 10, [0, 0, 1, 0] * 10)
+    assert d.diff == pytest.approx(0.5) and d.low is None
+    assert "fewer than 2 seeds" in stats.verdict(d, "A", "B")
 
-    # now a's seeds disagree widely (0.5 to 0.9) around b's 0.7: the seeds, not the 1000 images,
-    # limit what is known, so the interval is wide; treating 4 x 1000 scores as 4000 images would
-    # give about +-0.02
-    a = np.stack(
-        [flipped(base, 0.2, rng), flipped(base, 0.2, rng), flipped(base, 0.2, rng, to=1), flipped(base, 0.2, rng, to=1)]
-    )
-    b = np.stack([base] * 2)
-    diff, low, high = stats.paired_difference(a, b)
-    assert diff == pytest.approx(0.0)
-    assert low < -0.08 and high > 0.08
-    assert "covers 0" in stats.verdict(diff, low, high, "A", "B")
 
-    # a 1-D b is one seed; a seed's missing entries only drop that seed's value for the image
-    a = np.array([[1, 0, 1, 1], [1, None, 0, 1]], dtype=object)
-    diff, _, _ = stats.paired_difference(a, [0, 0, 1, 0], n_resamples=200)
-    assert diff == pytest.approx(np.mean([1, 0, 0.5 - 1, 1]))
+def test_the_detectable_size_is_the_noncentral_t_solution():
+    # with many df the t test is a z test: (1.959964 + 0.841621) standard errors
+    assert stats.detectable_difference(0.01, 1e7) == pytest.approx(0.028016, rel=1e-4)
+    # with 4 df: the power at the stated size is 0.8, checked against scipy's noncentral t
+    size = stats.detectable_difference(0.02, 4)
+    critical = scipy.stats.t.ppf(0.975, 4)
+    assert scipy.stats.nct.sf(critical, 4, size / 0.02) == pytest.approx(0.8, abs=1e-3)
+    assert stats.detectable_difference(0, 4) is None and stats.detectable_difference(0.02, None) is None
 
 
 def test_verdict_words():
-    assert stats.verdict(0.05, 0.02, 0.08, "A", "B") == "A ahead by 0.050 (95% CI [0.020, 0.080])"
-    assert stats.verdict(-0.05, -0.08, -0.02, "A", "B") == "B ahead by 0.050 (95% CI [0.020, 0.080])"
-    assert stats.verdict(0.01, -0.01, 0.03, "A", "B") == "no difference detected (95% CI [-0.010, 0.030] covers 0)"
-    assert stats.verdict(0.02, 0.0, 0.04, "A", "B").startswith("no difference detected")
-    assert stats.verdict(0.05, 0.02, 0.08, "A", "B", confidence=0.9).endswith("(90% CI [0.020, 0.080])")
+    d = lambda diff, low, high, n=500: stats.Difference(diff, low, high, 0.01, 4.0, n, (3, 3))
+    assert stats.verdict(d(0.05, 0.02, 0.08), "A", "B") == "A ahead by 0.05 (95% CI [0.02, 0.08])"
+    assert stats.verdict(d(-0.05, -0.08, -0.02), "A", "B") == "B ahead by 0.05 (95% CI [0.02, 0.08])"
+    words = stats.verdict(d(0.01, -0.01, 0.03), "A", "B")
+    assert words.startswith("no difference detected (95% CI [-0.01, 0.03] covers 0; it could have detected about 0.0")
+    # for a cost the lower one is ahead
+    assert stats.verdict(d(0.05, 0.02, 0.08), "A", "B", lower_is_better=True) == "B ahead by 0.05 (95% CI [0.02, 0.08])"
+    # too few images to say anything, whatever the interval
+    few = d(0.3, 0.1, 0.5, n=stats.MIN_IMAGES - 1)
+    assert stats.verdict(few, "A", "B").startswith("too few images") and not few.detected
+    assert stats.verdict(stats.Difference(None, None, None), "A", "B").startswith("no comparison")
