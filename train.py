@@ -91,6 +91,12 @@ def parse_args(variant, argv=None):
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=positive_float)
     p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
+    p.add_argument(
+        "--max-flops",
+        type=positive_float,
+        help="a training-FLOPs budget: the run gets as many steps as it buys, with the warmup and cosine decay "
+        "fitted to them (a completed schedule, for comparisons at equal compute)",
+    )
     p.add_argument("--train-layers", type=int, default=2, help="last Qwen decoder layers to train")
     p.add_argument("--heads", type=positive_int, default=8, help="cross-attention heads (explained variant)")
     p.add_argument("--max-caption-tokens", type=positive_int)
@@ -160,6 +166,7 @@ def run_config(variant, args):
         train_layers=args.train_layers,
         cross_attention_heads=args.heads,
         max_steps=args.max_steps,
+        max_flops=args.max_flops,
         grad_accum=args.grad_accum,
         data_dir=None if cfg["data_dir"] is None else str(Path(cfg["data_dir"]).resolve()),
         data_options={
@@ -440,6 +447,10 @@ class Training:
         if self.steps_per_epoch == 0:
             raise ValueError(f"{self.n_rows} training captions do not fill one global batch of {self.global_batch}")
         self.total_steps = config["epochs"] * self.steps_per_epoch
+        if config.get("max_flops") and "flops_per_step" not in config:  # recorded: a resumed run keeps its steps
+            config["flops_per_step"] = self.flops_per_step()
+            steps = max(int(config["max_flops"] // config["flops_per_step"]), 1)
+            config["max_steps"] = min(config["max_steps"] or steps, steps)
         if config["max_steps"]:
             self.total_steps = min(self.total_steps, config["max_steps"])
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -454,6 +465,8 @@ class Training:
             "position": 0,
             "time_s": 0.0,
             "score_time_s": 0.0,
+            "cpu_s": 0.0,
+            "score_cpu_s": 0.0,
             "flops": 0,
             "skipped_steps": 0,
             "global_batch": self.global_batch,
@@ -493,9 +506,14 @@ class Training:
                 f"has {self.global_batch}; resume with the same number of ranks and --grad-accum"
             )
         runs.check_backbones(self.model, self.config, self.run_dir)
+        self.loss = torch.tensor(self.progress.get("train_loss", float("nan")))
+        self.val_loss = self.progress.get("val_loss", float("nan"))
         print(f"resumed from {last} (epoch {self.progress['epoch'] + 1}, step {self.progress['step']})")
 
     def save_state(self):
+        # the last losses travel with the checkpoint: a run stopped after its last one resumes
+        # straight into its summary, which must not say NaN
+        self.progress.update(train_loss=self.loss.item(), val_loss=self.val_loss)
         if self.is_main:
             checkpoints.save(
                 self.run_dir,
@@ -522,6 +540,22 @@ class Training:
         self.model.zero_grad(set_to_none=True)
         return counter.get_total_flops()
 
+    def flops_per_step(self, n_batches=4):
+        """Training FLOPs of one optimizer step, the mean over the first few batches of the first
+        epoch. The same rows on every rank, so that every rank derives the same number of steps."""
+        B = self.config["batch_size"]
+        rows = epoch_order(self.n_rows, self.config["seed"], 0, min(n_batches, self.n_rows // B), B)
+        counts = [self.count_flops([batch]) for batch in self.loader("train", rows)]
+        return sum(counts) / len(counts) * self.config["grad_accum"] * self.world
+
+    def start_clocks(self):
+        """The wall and process-CPU clocks, set back by the time a resumed run already spent. CPU
+        time is what equal-time comparisons use: other work on a shared machine stretches a run's
+        wall-clock time but not (much) the CPU time the run itself takes."""
+        self.t_start = time.time() - self.progress["time_s"]
+        self.cpu_start = time.process_time() - self.progress.get("cpu_s", 0.0)
+        return self.t_start
+
     def step(self, micro_batches, log, t_start):
         """One optimizer step; a non-finite one is skipped, and too many in a row stop the run. Its
         FLOPs are counted the first time a batch shape comes up."""
@@ -532,7 +566,12 @@ class Training:
             self.trainer, micro_batches, self.optimizer, self.scheduler, self.scaler, self.params, self.config
         )
         p = self.progress
-        p.update(step=p["step"] + 1, position=p["position"] + 1, time_s=time.time() - t_start)
+        p.update(
+            step=p["step"] + 1,
+            position=p["position"] + 1,
+            time_s=time.time() - t_start,
+            cpu_s=time.process_time() - self.cpu_start,
+        )
         p["flops"] += self.flops_by_shape[shape]
         self.bad_in_a_row = 0 if ok else self.bad_in_a_row + 1
         if not ok:
@@ -618,7 +657,7 @@ class Training:
     def score(self, log, t_start):
         """The cheap validation score (greedy captions of a fixed val subset), logged with the
         training FLOPs and time so far, so that variants can be compared at equal compute."""
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         self.model.eval()
         figures = quick_score(
             self.model,
@@ -631,11 +670,13 @@ class Training:
         self.model.train()
         p = self.progress
         p["score_time_s"] += time.time() - t0
+        p["score_cpu_s"] += time.process_time() - cpu0
         log.write(
             {
                 "step": p["step"],
                 "flops": p["flops"],
                 "train_time_s": p["time_s"] - p["score_time_s"],
+                "train_cpu_s": p["cpu_s"] - p["score_cpu_s"],
                 "time_s": time.time() - t_start,
                 **{f"val_{k}": v for k, v in figures.items()},
             }
@@ -653,6 +694,8 @@ class Training:
             "steps": step,
             "skipped_steps": self.progress["skipped_steps"],
             "train_time_s": train_time,
+            "train_cpu_s": self.progress["cpu_s"] - self.progress["score_cpu_s"],
+            "cpu_s_per_step": (self.progress["cpu_s"] - self.progress["score_cpu_s"]) / max(step, 1),
             "train_flops": self.progress["flops"],
             "s_per_step": train_time / max(step, 1),
             "train_samples_per_s": step * self.global_batch / train_time,
@@ -706,7 +749,7 @@ def main(variant, argv=None):
     )
     stop = StopRequest()
     model.train()
-    t_start = time.time() - training.progress["time_s"]
+    t_start = training.start_clocks()
     while not training.done():
         training.epoch(log, stop, t_start)
     train_time = time.time() - t_start

@@ -8,6 +8,7 @@ import datetime
 import json
 import math
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -660,7 +661,7 @@ BAD_VALUES = {"explained": (["--batch-size", "0"], "--batch-size"), "self_attent
 
 @pytest.fixture(scope="module")
 def training_refusals(vision_dir, language_dir, duocap_cache, tmp_path_factory):
-    """Both training scripts, each case in a fresh process, all started at once."""
+    """Both training scripts' refusal tables (start_refusals: one case of each in a fresh process)."""
     started = {}
     for variant, script in TRAIN_SCRIPTS.items():
         args, option = BAD_VALUES[variant]
@@ -695,3 +696,57 @@ def test_the_process_group_timeout_is_the_flag(monkeypatch):
     args = train.parse_args("explained", ["--dist-timeout", "90"])
     assert train.init_distributed(args.dist_timeout) == (0, 2, "cpu")
     assert seen == {"b": "gloo", "t": datetime.timedelta(minutes=90)}
+
+
+# a FLOPs budget buys a number of steps with the warmup and decay fitted to them, so that a run at
+# equal compute has finished its schedule (not a curve read while the learning rate is still high)
+
+
+@pytest.fixture(scope="module")
+def budget_runs(tiny_args, duocap_cache, tmp_path_factory):
+    """{"full": 6-step run, "budget": the same at half its FLOPs}, in this process."""
+    root = tmp_path_factory.mktemp("budget")
+    base = [*tiny_args, "--batch-size", "8", "--max-steps", "6", "--no-eval", "--score-every", "100"]
+    base += ["--log-every", "1"]
+    with kept_rng():
+        train.main("self_attention", [*base, "--out", str(root / "full")])
+        full = json.loads((root / "full" / "summary.json").read_text())
+        budget = full["train_flops"] / 2
+        train.main("self_attention", [*base, "--out", str(root / "budget"), "--max-flops", str(budget)])
+    return {"full": root / "full", "budget": root / "budget", "flops": budget}
+
+
+def test_a_flops_budget_stops_training_with_the_schedule_completed(budget_runs):
+    run = budget_runs["budget"]
+    summary = json.loads((run / "summary.json").read_text())
+    config = read_config(run)
+    assert config["max_flops"] == budget_runs["flops"]
+    per_step = config["flops_per_step"]
+    assert summary["steps"] == int(budget_runs["flops"] // per_step) == config["max_steps"] < 6
+    assert summary["train_flops"] <= budget_runs["flops"] * 1.05
+    assert summary["train_flops"] > budget_runs["flops"] - 2 * per_step
+    lrs = [m["lr"] for m in metrics_rows(run) if "lr" in m]
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12), "the cosine decay reached its end at the budget"
+    assert len(lrs) == summary["steps"] and max(lrs) > 0.5 * config["lr"], "it warmed up first"
+
+
+def test_a_run_records_the_cpu_time_it_took(budget_runs):
+    summary = json.loads((budget_runs["full"] / "summary.json").read_text())
+    assert 0 < summary["train_cpu_s"] and summary["cpu_s_per_step"] == pytest.approx(summary["train_cpu_s"] / 6)
+    scored = [m for m in metrics_rows(budget_runs["full"]) if "flops" in m]
+    assert scored and all(m["train_cpu_s"] > 0 for m in scored)
+
+
+def test_a_run_stopped_after_its_last_checkpoint_resumes_into_a_summary_with_its_losses(budget_runs, tmp_path):
+    """The process ended after the last checkpoint but before summary.json: the resumed run has
+    nothing left to train, and its summary must still give the final losses, not NaN."""
+    run = tmp_path / "run"
+    shutil.copytree(budget_runs["full"], run)
+    (run / "summary.json").unlink()
+    with kept_rng():
+        train.main("self_attention", ["--resume", str(run), "--no-eval"])
+    resumed = json.loads((run / "summary.json").read_text())
+    full = json.loads((budget_runs["full"] / "summary.json").read_text())
+    assert math.isfinite(resumed["final_val_loss"]) and math.isfinite(resumed["final_train_loss"])
+    assert resumed["final_val_loss"] == full["final_val_loss"]
+    assert resumed["final_train_loss"] == full["final_train_loss"]
