@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
+import switches as sw
+
 
 def chunk_cross_entropy(head, hidden, targets):
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
@@ -32,9 +34,9 @@ class Captioner(nn.Module):
     variant = None
     loss_chunk_rows = 1024  # rows of fp32 logits alive at once: 1024 x 151,936 x 4 bytes = 0.6 GB for Qwen
 
-    def __init__(self, vision, lm, train_layers=2):
+    def __init__(self, vision, lm, train_layers=2, switches=sw.DEFAULT):
         super().__init__()
-        self.vision, self.lm = vision, lm
+        self.vision, self.lm, self.switches = vision, lm, switches
         H = lm.config.hidden_size
         Dv = vision.config.hidden_size
         # Qwen's token embeddings are small (std ~0.02): whatever is added to them or fed
@@ -42,9 +44,11 @@ class Captioner(nn.Module):
         # frozen layers a residual stream far larger than the one they were trained on.
         self.token_rms = lm.get_input_embeddings().weight.detach().float().pow(2).mean().sqrt().item()
         self.adapter = nn.Sequential(nn.Linear(Dv, H), nn.LayerNorm(H), nn.GELU(), nn.Linear(H, H), nn.LayerNorm(H))
-        self.modality = nn.Embedding(2, H)  # 0 = image token, 1 = text token
-        nn.init.normal_(self.modality.weight, std=self.token_rms)
+        self.modality = sw.Modality(switches.modality, switches.text_init, H, self.token_rms)
         self.init_layer_norm(self.adapter[-1])
+        if switches.image_scale == "fixed":
+            sw.fix_gain(self.adapter[-1], self.token_rms)
+        self.image_positions = sw.ImagePositions(switches.image_positions, self.n_patches(), H, self.token_rms)
         self.train_layers = train_layers
 
     def init_layer_norm(self, ln):
@@ -52,7 +56,10 @@ class Captioner(nn.Module):
 
     def freeze(self):
         """Train the adapter, the modality embedding, the variant's fusion parts and the
-        last `train_layers` Qwen decoder layers; everything else is frozen."""
+        last `train_layers` Qwen decoder layers (and LoRA adapters on every layer, with the lora
+        switch, added here: after the variant's own parts drew their initial weights); everything
+        else is frozen."""
+        sw.apply_lora(self.lm, self.switches.lora)
         self.vision.requires_grad_(False)
         self.lm.requires_grad_(False)
         layers = self.lm.model.layers
@@ -60,6 +67,7 @@ class Captioner(nn.Module):
             raise ValueError(f"--train-layers {self.train_layers}: the language model has {len(layers)} layers")
         for layer in layers[len(layers) - self.train_layers :]:
             layer.requires_grad_(True)
+        sw.unfreeze_lora(self.lm)
         return self
 
     def backbone_fingerprint(self):
@@ -93,21 +101,24 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def image_features(self, pixel_values):
-        """Frozen CLIP patch tokens [B, P, Dv] (the CLS token is dropped)."""
-        return self.vision(pixel_values=pixel_values).last_hidden_state[:, 1:]
+        """Frozen CLIP patch tokens [B, P, Dv] of the switches' vision layer (the CLS token is dropped)."""
+        layer = self.switches.vision_layer
+        if layer == -1:
+            return self.vision(pixel_values=pixel_values).last_hidden_state[:, 1:]
+        return self.vision(pixel_values=pixel_values, output_hidden_states=True).hidden_states[layer][:, 1:]
 
     def image_tokens(self, pixel_values=None, features=None):
         if features is None:
             features = self.image_features(pixel_values)
         features = features.to(self.adapter[0].weight.dtype)
-        return self.adapter(features) + self.modality.weight[0]
+        return self.modality.add(self.image_positions(self.adapter(features)), 0)
 
     def encode_images(self, pixel_values=None, features=None):
         """What decoding needs from the images, computed once per image."""
         return self.image_tokens(pixel_values, features)
 
     def text_embeddings(self, ids):
-        return self.lm.get_input_embeddings()(ids) + self.modality.weight[1]
+        return self.modality.add(self.lm.get_input_embeddings()(ids), 1)
 
     # --- the two things a variant defines -------------------------------------
 
@@ -117,6 +128,11 @@ class Captioner(nn.Module):
     def embed(self, state, ids, start):
         """Qwen inputs_embeds for text ids at text positions start.. (with the image prefix if start == 0)."""
         raise NotImplementedError
+
+    def embed_new(self, state, ids, n_new):
+        """inputs_embeds of the last n_new of ids [B, T] (with the image prefix when n_new == T)."""
+        start = ids.shape[1] - n_new
+        return self.embed(state, ids[:, start:], start)
 
     # --- training ---------------------------------------------------------------
 
@@ -148,9 +164,7 @@ class Captioner(nn.Module):
     def next_logits(self, state, ids, cache=None, use_cache=True):
         """Logits for the token after ids [B, T]. Without a cache the whole sequence is
         run (and, with use_cache, the cache for it returned); with one, only ids[:, -1]."""
-        T = ids.shape[1]
-        new = ids if cache is None else ids[:, -1:]
-        embeds = self.embed(state, new, T - new.shape[1])
+        embeds = self.embed_new(state, ids, ids.shape[1] if cache is None else 1)
         out = self.lm(inputs_embeds=embeds, cache=cache, use_cache=use_cache, logits_to_keep=1)
         return out.logits[:, -1].float(), out.cache
 

@@ -100,9 +100,11 @@ def weights_digest(module):
     return h.hexdigest()
 
 
-def cache_key(vision_name, vision, processor, records):
+def cache_key(vision_name, vision, processor, records, layer=-1):
     h = hashlib.sha256()
     h.update(vision_name.encode())
+    if layer != -1:  # the last layer's key is the one it always had
+        h.update(f"layer {layer}".encode())
     h.update(vision.config.to_json_string().encode())
     h.update(weights_digest(vision).encode())
     h.update(processor.to_json_string().encode())
@@ -212,7 +214,7 @@ def cached_features(model, processor, vision_name, records, device, strict=True,
     backbone, preprocessing and image files were seen before, else built first (by every rank
     together under torchrun). Images that fail to fully decode raise a DataError listing them,
     or (strict False) are left out: the records returned are the ones kept."""
-    key = cache_key(vision_name, model.vision, processor, records)
+    key = cache_key(vision_name, model.vision, processor, records, model.switches.vision_layer)
     path = data.cache_root() / "features" / f"{key}-{VERSION}.npy"
     meta = path.with_suffix(".json")
     if rank_zero_says(not meta.is_file()):  # one decision for all ranks: another run may finish the file meanwhile

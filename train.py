@@ -37,6 +37,7 @@ import data
 import demo
 import features
 import runs
+import switches
 from decoding import positive_float, positive_int
 from evaluate import evaluate_run, quick_score
 
@@ -67,6 +68,12 @@ PRESETS = {
 
 def parse_args(variant, argv=None):
     p = argparse.ArgumentParser(description=f"Train the {variant} captioner.")
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help='a JSON object of option values (as sweep.py writes its best settings: {"lr": 0.002, ...}); '
+        "options given on the command line win",
+    )
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     p.add_argument("--out", help=f"run directory (default runs/{variant}-<preset>)")
     p.add_argument("--data", help=f"data source, one of {', '.join(data.SOURCES)} (overrides the preset)")
@@ -90,6 +97,8 @@ def parse_args(variant, argv=None):
     p.add_argument("--batch-size", type=positive_int, help="per rank and per accumulation step")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=positive_float)
+    p.add_argument("--warmup", type=float, help="fraction of the steps spent warming up (overrides the preset)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay on the matrices (overrides the preset)")
     p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
     p.add_argument(
         "--max-flops",
@@ -99,6 +108,7 @@ def parse_args(variant, argv=None):
     )
     p.add_argument("--train-layers", type=int, default=2, help="last Qwen decoder layers to train")
     p.add_argument("--heads", type=positive_int, default=8, help="cross-attention heads (explained variant)")
+    switches.add_options(p)
     p.add_argument("--max-caption-tokens", type=positive_int)
     p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     p.add_argument(
@@ -134,20 +144,62 @@ def parse_args(variant, argv=None):
     )
     p.add_argument("--score-every", type=positive_int, help="steps between validation scores (default: 4 an epoch)")
     p.add_argument("--score-images", type=positive_int, default=64, help="val images the validation score captions")
+    p.add_argument("--score-loss", action="store_true", help="also the whole val split's loss at each score")
     p.add_argument("--no-eval", action="store_true", help="skip the test evaluation after training")
     p.add_argument(
         "--wandb",
         action="store_true",
         help="also log to Weights & Biases when it is installed (WANDB_MODE=offline needs no network)",
     )
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.config:
+        values = config_file(args.config, p)
+        p.set_defaults(**values)
+        args = p.parse_args(argv)
+        args.config_values = values
+    return args
+
+
+def config_file(path, parser):
+    """The option values in a --config file, checked against the parser's options."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        parser.error(f"--config {path}: {e}")
+    if not isinstance(values, dict):
+        parser.error(f"--config {path}: expected a JSON object of option values, not {type(values).__name__}")
+    known = {a.dest: a for a in parser._actions}
+    unknown = sorted(k for k in values if k not in known or k in ("config", "help", "resume", "out"))
+    if unknown:
+        parser.error(f"--config {path}: not training options: {', '.join(unknown)}")
+    for key, value in values.items():  # each value passes the option's own check
+        action = known[key]
+        if action.type is not None and value is not None:
+            try:
+                values[key] = action.type(str(value))
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+                parser.error(f"--config {path}: {key}: {e}")
+        if action.choices is not None and values[key] not in action.choices:
+            parser.error(f"--config {path}: {key}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return values
 
 
 def run_config(variant, args):
     """The preset overridden by the command line. Pure: the demo's stand-ins are
     built by demo.resolve, not here."""
     cfg = dict(PRESETS[args.preset])
-    for key in ("vision", "language", "data", "data_dir", "epochs", "batch_size", "lr", "max_caption_tokens"):
+    for key in (
+        "vision",
+        "language",
+        "data",
+        "data_dir",
+        "epochs",
+        "batch_size",
+        "lr",
+        "warmup",
+        "weight_decay",
+        "max_caption_tokens",
+    ):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     if args.data and not args.data_dir and args.data != PRESETS[args.preset]["data"]:
@@ -165,9 +217,14 @@ def run_config(variant, args):
         precision=precision,
         train_layers=args.train_layers,
         cross_attention_heads=args.heads,
+        **switches.as_config(switches.from_args(args)),
         max_steps=args.max_steps,
         max_flops=args.max_flops,
         grad_accum=args.grad_accum,
+        # what a --config file said, recorded whole: the run says what it was trained with if the file changes
+        config_file=None
+        if args.config is None
+        else {"path": str(Path(args.config).resolve()), "values": args.config_values},
         data_dir=None if cfg["data_dir"] is None else str(Path(cfg["data_dir"]).resolve()),
         data_options={
             "strict": not args.skip_bad,
@@ -307,7 +364,7 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, params, confi
             scaler.scale(loss_sum * world / n_tokens).backward()
         loss_total += loss_sum.detach()
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.get("grad_clip", 1.0) or math.inf)  # 0: off
     ok = scaler.is_enabled() or bool(torch.isfinite(grad_norm))  # the same on every rank after all-reduce
     if ok:
         scaler.step(optimizer)
@@ -432,11 +489,15 @@ def groups_of(iterable, n):
         yield group
 
 
+class EarlyStop(Exception):
+    """Raised out of main when its on_score callback asked training to stop (a pruned sweep trial)."""
+
+
 class Training:
     """Everything one optimizer step and one epoch need, and the progress that a checkpoint saves."""
 
-    def __init__(self, model, config, run_dir, splits, cached, processor, tokenizer, args, rank, world):
-        self.model, self.config, self.run_dir, self.args = model, config, run_dir, args
+    def __init__(self, model, config, run_dir, splits, cached, processor, tokenizer, args, rank, world, on_score=None):
+        self.model, self.config, self.run_dir, self.args, self.on_score = model, config, run_dir, args, on_score
         self.splits, self.cached, self.processor, self.tokenizer = splits, cached, processor, tokenizer
         self.rank, self.world, self.is_main = rank, world, rank == 0
         device = config["device"]
@@ -667,20 +728,24 @@ class Training:
             self.config["device"],
             max_new_tokens=self.config["max_caption_tokens"] + 1,
         )
+        if self.args.score_loss:
+            figures["loss"] = validation_loss(self.model, self.loader("val"), self.config)
         self.model.train()
         p = self.progress
         p["score_time_s"] += time.time() - t0
         p["score_cpu_s"] += time.process_time() - cpu0
-        log.write(
-            {
-                "step": p["step"],
-                "flops": p["flops"],
-                "train_time_s": p["time_s"] - p["score_time_s"],
-                "train_cpu_s": p["cpu_s"] - p["score_cpu_s"],
-                "time_s": time.time() - t_start,
-                **{f"val_{k}": v for k, v in figures.items()},
-            }
-        )
+        row = {
+            "step": p["step"],
+            "flops": p["flops"],
+            "train_time_s": p["time_s"] - p["score_time_s"],
+            "train_cpu_s": p["cpu_s"] - p["score_cpu_s"],
+            "time_s": time.time() - t_start,
+            **{f"val_{k}": v for k, v in figures.items()},
+        }
+        log.write(row)
+        if self.on_score is not None and self.on_score(row):
+            self.save_state()
+            raise EarlyStop(f"stopped at step {p['step']} by the caller (the validation score said so)")
 
     def done(self):
         return self.progress["step"] >= self.total_steps or self.progress["epoch"] >= self.config["epochs"]
@@ -708,7 +773,9 @@ class Training:
 # main
 
 
-def main(variant, argv=None):
+def main(variant, argv=None, on_score=None):
+    """Train a run; returns its directory. on_score(row), when given, is called with each logged
+    validation score (rank 0); a true answer stops training with a checkpoint (EarlyStop)."""
     args = parse_args(variant, argv)
     if not sys.stderr.isatty():  # a log wants lines, not progress-bar refreshes
         transformers.utils.logging.disable_progress_bar()
@@ -725,7 +792,7 @@ def main(variant, argv=None):
         splits, cached = load_data(
             config, model, processor, not args.no_feature_cache, rank, world, workers(args, config)
         )
-        training = Training(model, config, run_dir, splits, cached, processor, tokenizer, args, rank, world)
+        training = Training(model, config, run_dir, splits, cached, processor, tokenizer, args, rank, world, on_score)
         if args.resume:
             training.resume()
     except (ValueError, OSError) as e:
@@ -750,11 +817,13 @@ def main(variant, argv=None):
     stop = StopRequest()
     model.train()
     t_start = training.start_clocks()
-    while not training.done():
-        training.epoch(log, stop, t_start)
+    try:
+        while not training.done():
+            training.epoch(log, stop, t_start)
+    finally:
+        stop.close()
+        log.close()
     train_time = time.time() - t_start
-    stop.close()
-    log.close()
     if distributed():
         dist.destroy_process_group()
     if not is_main:
