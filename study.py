@@ -1,0 +1,188 @@
+"""
+A study: a grid of training configurations x seeds on the demo, each run's figures committed as a
+small JSON under docs/study/, and a report rebuilt from what is committed.
+
+    python study.py --grid direction [--seeds 3] [--only NAME ...]   # run what is not done yet
+    python study.py --grid direction --report                        # rebuild the report only
+
+A configuration is a name, a variant and the options it adds to the numbered script's defaults
+(the ablation switches of switches.py); a configuration with no options is the variant's default,
+whose runs are compare.py's own (runs/compare/<variant>-seed<k>), so the two share them. A run
+whose JSON is in docs/study/ is done (it may have been trained on another machine or in another
+session); an interrupted run resumes from its checkpoint. Runs go in the grid's order, seed by
+seed, so that every configuration gets its first seed early.
+
+Each JSON holds the run's config, summary, headline figures and per-image skills on the test and
+compositional splits, so the report compares configurations image by image with the interval of
+stats.paired_difference (seeds are the unit, the test images a second source of variance).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import compare
+import skills
+import stats
+from decoding import positive_int
+from runs import LABELS
+
+STUDY = Path("docs/study")
+FIGURES = ("objects", "direction", "direction_both_ways", "flip_consistency", "axis")
+
+# (name, variant, options): the direction experiment of the probes (probe.py): which changes let
+# each variant name the direction of a relation from the image
+DIRECTION = [
+    ("explained", "explained", []),
+    (
+        "explained+context+2d+sharp",
+        "explained",
+        ["--queries", "context", "--image-positions", "2d", "--sharp-attention", "on"],
+    ),
+    ("explained+2d+sharp", "explained", ["--image-positions", "2d", "--sharp-attention", "on"]),
+    ("explained+context+sharp", "explained", ["--queries", "context", "--sharp-attention", "on"]),
+    ("explained+context+2d", "explained", ["--queries", "context", "--image-positions", "2d"]),
+    ("self_attention", "self_attention", []),
+    ("self_attention+2d+all-layers", "self_attention", ["--image-positions", "2d", "--train-layers", "4"]),
+    ("self_attention+2d", "self_attention", ["--image-positions", "2d"]),
+]
+GRIDS = {"direction": DIRECTION}
+
+
+def run_dir(name, variant, options, seed):
+    if not options:
+        return Path("runs/compare") / f"{variant}-seed{seed}"
+    return Path("runs/study") / f"{name}-seed{seed}"
+
+
+def result_path(name, seed):
+    return STUDY / f"{name}-seed{seed}.json"
+
+
+def per_image_columns(run, split):
+    return {k: compare.per_image(run, split, k) for k in FIGURES}
+
+
+def record(name, variant, options, seed, run):
+    """The committed figures of one finished, evaluated run."""
+    evaluation = compare.evaluated(run, "test")
+    result = {
+        "name": name,
+        "variant": variant,
+        "options": options,
+        "seed": seed,
+        "config": json.loads((run / "config.json").read_text()),
+        "summary": json.loads((run / "summary.json").read_text()),
+        "split_id": evaluation["split_id"],
+        "figures": {k: evaluation["skills"][k]["accuracy"] for k in FIGURES},
+        "test": per_image_columns(run, "test"),
+    }
+    if (run / "predictions_compositional.jsonl").is_file():
+        result["compositional"] = per_image_columns(run, "compositional")
+    for key in ("data_dir", "vision", "language", "config_file"):  # machine-specific paths
+        result["config"].pop(key, None)
+    STUDY.mkdir(parents=True, exist_ok=True)
+    result_path(name, seed).write_text(json.dumps(result) + "\n")
+    return result
+
+
+def run_grid(grid, seeds, only, log):
+    todo = [(n, v, o, s) for s in range(seeds) for n, v, o in grid if (not only or n in only)]
+    todo = [t for t in todo if not result_path(t[0], t[3]).is_file()]
+    print(f"{len(todo)} runs to do ({sum(1 for s in range(seeds) for _ in grid) - len(todo)} done before)")
+    for name, variant, options, seed in tqdm(todo, desc="study", unit="run", disable=None):
+        t0 = time.time()
+        run = compare.train_or_reuse(variant, run_dir(name, variant, options, seed), ["--seed", str(seed), *options])
+        result = record(name, variant, options, seed, run)
+        line = f"{name} seed {seed}: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in result["figures"].items() if v is not None
+        )
+        print(line, flush=True)
+        with open(log, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line} ({time.time() - t0:.0f}s)\n")
+
+
+# -----------------------------------------------------------------------------
+# the report
+
+
+def committed(grid):
+    out = {}
+    for name, _, _ in grid:
+        found = sorted(STUDY.glob(f"{name}-seed*.json"), key=lambda p: int(p.stem.rsplit("seed", 1)[1]))
+        out[name] = [json.loads(p.read_text()) for p in found]
+    return out
+
+
+def columns(results, split, key):
+    return stats.floats([r[split][key] for r in results if split in r])
+
+
+def direction_report(grid):
+    results = committed(grid)
+    lines = [
+        "# Where direction is lost, and what brings it back",
+        "",
+        "Produced by `python study.py --grid direction --report` from the runs in `docs/study/` (each trained "
+        "by `python study.py --grid direction`: the demo's 5 epochs, seeds as listed). Each cell is the mean over "
+        "seeds with its 95% t interval; the difference is against the variant's default configuration on the same "
+        "test images (stats.paired_difference: seeds as the unit plus the images' variance). `direction_both_ways` "
+        f"is {skills.DIRECTION_CHANCE} for any captioner that does not read the direction and "
+        f"{skills.DIRECTION_CEILING} for a perfect one; `flip_consistency` is 0 for a caption that ignores the mirror.",
+        "",
+        "| configuration | seeds | objects | direction | direction_both_ways | flip | direction (compositional) "
+        "| both ways vs default | train TFLOP |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    default = {v: results.get(v, []) for v in LABELS}
+    for name, variant, options in grid:
+        rs = results[name]
+        if not rs:
+            lines.append(f"| {name} | 0 | not run yet | | | | | | |")
+            continue
+        cell = lambda key, split="test": compare.interval(stats.mean_interval(np.nanmean(columns(rs, split, key), 1)))
+        base = default[variant]
+        if options and base:
+            d = stats.paired_difference(
+                columns(rs, "test", "direction_both_ways"), columns(base, "test", "direction_both_ways")
+            )
+            versus = stats.verdict(d, name, variant)
+        else:
+            versus = "(the default)"
+        tflops = np.mean([r["summary"]["train_flops"] for r in rs]) / 1e12
+        comp = cell("direction", "compositional") if all("compositional" in r for r in rs) else "n/a"
+        lines.append(
+            f"| {name} | {len(rs)} | {cell('objects')} | {cell('direction')} | {cell('direction_both_ways')} "
+            f"| {cell('flip_consistency')} | {comp} | {versus} | {tflops:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--grid", choices=sorted(GRIDS), default="direction")
+    p.add_argument("--seeds", type=positive_int, default=3)
+    p.add_argument("--only", nargs="+", metavar="NAME", help="only these configurations")
+    p.add_argument("--report", action="store_true", help="rebuild the report from docs/study/ only")
+    args = p.parse_args(argv)
+    grid = GRIDS[args.grid]
+    unknown = sorted(set(args.only or []) - {n for n, _, _ in grid})
+    if unknown:
+        raise SystemExit(f"error: not configurations of the {args.grid} grid: {', '.join(unknown)}")
+    if not args.report:
+        try:
+            run_grid(grid, args.seeds, args.only, Path("runs") / f"study-{args.grid}.log")
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"error: {e}") from None
+    report = direction_report(grid)
+    Path("docs/direction.md").write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
