@@ -6,13 +6,17 @@ nothing is pretrained: every backbone is random and a few kilobytes.
 """
 
 import contextlib
+import io
 import os
 import random
+import runpy
 import shutil
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -187,7 +191,8 @@ def perturb(model, seed=0, std=0.5):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad and not name.startswith("lm."):
-                p.add_(torch.randn(p.shape, generator=gen) * std * (p.detach().float().std().item() + 0.05))
+                spread = p.detach().float().std().nan_to_num().item()  # one value (a gate) has no spread
+                p.add_(torch.randn(p.shape, generator=gen) * std * (spread + 0.05))
     return model
 
 
@@ -358,13 +363,58 @@ def wait_all(scripts):
     return {name: script.wait() for name, script in scripts.items()}
 
 
+class InProcess:
+    """A script's command line run in this process on the first wait(), as `python script ...` runs
+    it (its __main__ block, sys.argv, the working directory, Script's variables), with Script's
+    (exit status, stdout, stderr): no fresh interpreter spending seconds importing torch. Variables
+    that a library reads once, on import (HF_HUB_OFFLINE, HF_HOME), keep their values here: a case
+    that reaches for the hub needs a Script."""
+
+    def __init__(self, args, cache, env=None):
+        self.args = [str(a) for a in args]
+        self.env = {"DUOCAP_CACHE": str(cache), "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.result = None
+
+    def wait(self):
+        if self.result is None:
+            stdout, stderr = io.StringIO(), io.StringIO()
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(kept_rng())
+                stack.enter_context(mock.patch.dict(os.environ, self.env))
+                stack.enter_context(mock.patch.object(sys, "argv", self.args))
+                stack.enter_context(contextlib.chdir(REPO))
+                stack.enter_context(contextlib.redirect_stdout(stdout))
+                stack.enter_context(contextlib.redirect_stderr(stderr))
+                rc = 0
+                try:
+                    runpy.run_path(self.args[0], run_name="__main__")
+                except SystemExit as e:  # as the interpreter ends on it: a message goes to stderr, with status 1
+                    if e.code is None or isinstance(e.code, int):
+                        rc = e.code or 0
+                    else:
+                        print(e.code, file=sys.stderr)
+                        rc = 1
+                except Exception:
+                    traceback.print_exc()
+                    rc = 1
+            self.result = (rc, stdout.getvalue(), stderr.getvalue())
+        return self.result
+
+
 def start_refusals(script, cases, cache, env=None, **paths):
-    """Every case of an entry point's refusal table at once (each process spends seconds importing
-    torch and transformers before it refuses): {case: (Script, what the message must name, usage)}.
+    """An entry point's refusal table: {case: (Script or InProcess, what the message must name, usage)}.
     cases: {case: (arguments, named, usage)}, with {name} in an argument or in `named` standing
-    for paths[name]; usage: an argparse usage error rather than the script's own one-line error."""
+    for paths[name]; usage: an argparse usage error rather than the script's own one-line error.
+    The first case of the script's own error runs in a fresh process, started now: only there does
+    anything else that reaches stderr show (a traceback on the way out, a warning, a library's log
+    line). The others run in this process on wait(), where a fresh one would add seconds of imports."""
+    fresh = next(case for case, (_, _, usage) in cases.items() if not usage)
     return {
-        case: (Script([script, *(a.format(**paths) for a in args)], cache, env=env), named.format(**paths), usage)
+        case: (
+            (Script if case == fresh else InProcess)([script, *(a.format(**paths) for a in args)], cache, env=env),
+            named.format(**paths),
+            usage,
+        )
         for case, (args, named, usage) in cases.items()
     }
 
@@ -504,3 +554,47 @@ def resume_runs(tiny_args, duocap_cache, tmp_path_factory):
         )
     wait_all(second)
     return dirs, {**first, **second}
+
+
+# -----------------------------------------------------------------------------
+# a PostgreSQL server, for sweep workers sharing a study as they would from several machines
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """The URL of a database "optuna" on a throwaway PostgreSQL server on a free port, stopped when
+    the session ends, however the tests went."""
+    import glob
+    import socket
+    import subprocess
+    import tempfile
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not found:
+        pytest.fail("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb); `bash setup.sh` installs it")
+    bin_dir = Path(found[-1]).parent
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # initdb refuses root
+    root = Path(tempfile.mkdtemp(prefix="duocap-pg-"))  # not under pytest's folder, which only root may enter
+    if as_postgres:
+        shutil.chown(root, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def run(program, *args):
+        done = subprocess.run([*as_postgres, str(bin_dir / program), *map(str, args)], capture_output=True, text=True)
+        if done.returncode:
+            log = (root / "log").read_text() if (root / "log").is_file() else ""
+            pytest.fail(f"{program} {' '.join(map(str, args))} exited {done.returncode}:\n{done.stderr}\n{log}")
+
+    data_dir = root / "data"
+    try:
+        run("initdb", "-D", data_dir, "-A", "trust", "-U", "postgres")
+        server = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
+        run("pg_ctl", "-D", data_dir, "-o", server, "-l", root / "log", "-w", "start")
+        run("psql", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "-c", "create database optuna")
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/optuna"
+    finally:
+        if (data_dir / "postmaster.pid").is_file():
+            run("pg_ctl", "-D", data_dir, "-m", "fast", "stop")
+        shutil.rmtree(root, ignore_errors=True)
