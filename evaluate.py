@@ -16,6 +16,7 @@ as null: it downloads Stanford CoreNLP models at run time.
 """
 
 import argparse
+import functools
 import json
 import re
 import shutil
@@ -46,6 +47,12 @@ def plain_tokenize(captions_by_image):
     }
 
 
+@functools.cache
+def meteor_scorer():
+    """One METEOR scorer per process: each is a Java process that takes seconds to start."""
+    return Meteor()
+
+
 def caption_metrics(predictions):
     """BLEU-1..4, METEOR, ROUGE_L, CIDEr of predictions ({"caption", "references"} each),
     computed by pycocoevalcap exactly as the COCO caption evaluation does. CIDEr's IDF
@@ -60,7 +67,7 @@ def caption_metrics(predictions):
     gts, res = tokenize(gts), tokenize(res)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     scores = {f"BLEU-{n + 1}": b for n, b in enumerate(bleu)}
-    scores["METEOR"] = Meteor().compute_score(gts, res)[0] if java else None
+    scores["METEOR"] = meteor_scorer().compute_score(gts, res)[0] if java else None
     scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
     scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     scores["SPICE"] = None
