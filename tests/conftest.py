@@ -196,6 +196,18 @@ def perturb(model, seed=0, std=0.5):
     return model
 
 
+def assert_cached_steps_match_recomputation(model, state, ids, prefill):
+    """Decoding ids [B, T] one token at a time after a prefill of `prefill` tokens, with the KV
+    cache, gives the logits that running the whole sequence again gives at every step."""
+    with torch.no_grad():
+        logits, cache = model.next_logits(state, ids[:, :prefill])
+        for t in range(prefill, ids.shape[1] + 1):
+            full, _ = model.next_logits(state, ids[:, :t], None, use_cache=False)
+            torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
+            if t < ids.shape[1]:
+                logits, cache = model.next_logits(state, ids[:, : t + 1], cache)
+
+
 def pixels_for(processor, records):
     images = [data.read_image(r.image) for r in records]
     return processor(images=images, return_tensors="pt")["pixel_values"]

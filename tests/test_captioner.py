@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import VARIANTS, batch_for, perturb, pixels_for
+from conftest import VARIANTS, assert_cached_steps_match_recomputation, batch_for, perturb, pixels_for
 from decoding import decode
 
 # -----------------------------------------------------------------------------
@@ -164,13 +164,7 @@ def test_cached_steps_give_the_logits_of_full_recomputation(make_model, splits, 
     state = model.encode_images(pixel_values=pixels_for(processor, splits["test"][:3]))
     ids = torch.randint(len(tokenizer), (3, 6), generator=torch.Generator().manual_seed(0))
     ids[:, 0] = tokenizer.eos_token_id
-    with torch.no_grad():
-        logits, cache = model.next_logits(state, ids[:, :2])  # a two-token prefill
-        for t in range(2, ids.shape[1] + 1):
-            full, _ = model.next_logits(state, ids[:, :t], None, use_cache=False)
-            torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
-            if t < ids.shape[1]:
-                logits, cache = model.next_logits(state, ids[:, : t + 1], cache)
+    assert_cached_steps_match_recomputation(model, state, ids, prefill=2)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
