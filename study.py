@@ -92,9 +92,9 @@ def record(name, variant, options, seed, run):
 
 
 def run_grid(grid, seeds, only, log):
-    todo = [(n, v, o, s) for s in range(seeds) for n, v, o in grid if (not only or n in only)]
-    todo = [t for t in todo if not result_path(t[0], t[3]).is_file()]
-    print(f"{len(todo)} runs to do ({sum(1 for s in range(seeds) for _ in grid) - len(todo)} done before)")
+    selected = [(n, v, o, s) for s in range(seeds) for n, v, o in grid if (not only or n in only)]
+    todo = [t for t in selected if not result_path(t[0], t[3]).is_file()]
+    print(f"{len(todo)} runs to do ({len(selected) - len(todo)} done before)")
     for name, variant, options, seed in tqdm(todo, desc="study", unit="run", disable=None):
         t0 = time.time()
         run = compare.train_or_reuse(variant, run_dir(name, variant, options, seed), ["--seed", str(seed), *options])

@@ -750,3 +750,27 @@ def test_a_run_stopped_after_its_last_checkpoint_resumes_into_a_summary_with_its
     assert math.isfinite(resumed["final_val_loss"]) and math.isfinite(resumed["final_train_loss"])
     assert resumed["final_val_loss"] == full["final_val_loss"]
     assert resumed["final_train_loss"] == full["final_train_loss"]
+
+
+def test_a_config_file_sets_options_the_command_line_overrides_and_bad_ones_are_refused(tmp_path, capsys):
+    good = tmp_path / "best.json"
+    good.write_text(json.dumps({"lr": 0.002, "warmup": 0.1, "queries": "context", "train_layers": 3}))
+    args = train.parse_args("explained", ["--config", str(good), "--lr", "0.003"])
+    assert (args.lr, args.warmup, args.queries, args.train_layers) == (0.003, 0.1, "context", 3)
+    config = train.run_config("explained", args)
+    assert config["config_file"] == {"path": str(good.resolve()), "values": json.loads(good.read_text())}
+    assert (config["lr"], config["warmup"], config["queries"]) == (0.003, 0.1, "context")
+    for content, named in (
+        ({"learning_rate": 0.1}, "not training options: learning_rate"),
+        ({"out": "elsewhere"}, "not training options: out"),
+        ({"lr": -1}, "lr"),
+        ({"queries": "sideways"}, "queries"),
+        ([0.1], "expected a JSON object"),
+    ):
+        bad = tmp_path / "bad.json"
+        bad.write_text(json.dumps(content))
+        with pytest.raises(SystemExit) as e:
+            train.parse_args("explained", ["--config", str(bad)])
+        assert e.value.code == 2
+        message = capsys.readouterr().err
+        assert str(bad) in message and named in message, message
