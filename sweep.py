@@ -249,8 +249,10 @@ def rdb_storage(url, **options):
     for attempt in range(3):
         try:
             return optuna.storages.RDBStorage(url, **options)
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            if attempt == 2:
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError) as e:
+            # SQLite says "table ... already exists" where a server says duplicate key
+            lost_race = not isinstance(e, sqlalchemy.exc.OperationalError) or "already exists" in str(e)
+            if attempt == 2 or not lost_race:
                 raise
             time.sleep(1)
 
