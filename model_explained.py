@@ -81,7 +81,7 @@ class ExplainedCaptioner(Captioner):
         return self.fusion_norm(text, self.cross_attention(self.query_context(text), *state))
 
     def embed_new(self, state, ids, n_new):
-        if self.query_context.block is None:  # each token's fusion depends on that token alone
+        if not self.query_context.enabled:  # each token's fusion depends on that token alone
             return super().embed_new(state, ids, n_new)
         return self.embed(state, ids, 0)[:, ids.shape[1] - n_new :]
 

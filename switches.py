@@ -166,18 +166,17 @@ class QueryContext(nn.Module):
 
     def __init__(self, mode, hidden_size, n_heads):
         super().__init__()
-        self.block = None
-        if mode == "context":
+        self.enabled = mode == "context"
+        if self.enabled:
             self.n_heads = n_heads
             self.norm = nn.LayerNorm(hidden_size)
             self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
             self.out = nn.Linear(hidden_size, hidden_size)
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
-            self.block = True
 
     def forward(self, text):  # [B, T, H] -> [B, T, H]; position t sees positions <= t only
-        if self.block is None:
+        if not self.enabled:
             return text
         B, T, H = text.shape
         q, k, v = self.qkv(self.norm(text)).view(B, T, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
