@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+import claims
 import compare
 import skills
 import stats
@@ -50,8 +51,38 @@ DIRECTION = [
     ("self_attention", "self_attention", []),
     ("self_attention+2d+all-layers", "self_attention", ["--image-positions", "2d", "--train-layers", "4"]),
     ("self_attention+2d", "self_attention", ["--image-positions", "2d"]),
+    # screening for a route in the self-attention variant, and the cross-attention route at the swept lr
+    ("self_attention+2d+swept", "self_attention", ["--image-positions", "2d", *claims.SWEPT["self_attention"]]),
+    (
+        "self_attention+2d+fixed-scale+swept",
+        "self_attention",
+        ["--image-positions", "2d", "--image-scale", "fixed", *claims.SWEPT["self_attention"]],
+    ),
+    (
+        "self_attention+2d+lora8+swept",
+        "self_attention",
+        ["--image-positions", "2d", "--lora", "8", *claims.SWEPT["self_attention"]],
+    ),
+    (
+        "self_attention+2d+zero-text+start-first+swept",
+        "self_attention",
+        [
+            "--image-positions",
+            "2d",
+            "--text-init",
+            "zero",
+            "--start-token-first",
+            "on",
+            *claims.SWEPT["self_attention"],
+        ],
+    ),
+    (
+        "explained+context+2d+sharp+swept",
+        "explained",
+        ["--queries", "context", "--image-positions", "2d", "--sharp-attention", "on", *claims.SWEPT["explained"]],
+    ),
 ]
-GRIDS = {"direction": DIRECTION}
+GRIDS = {"direction": DIRECTION, "claims": claims.GRID}
 
 
 def run_dir(name, variant, options, seed):
@@ -68,7 +99,12 @@ def per_image_columns(run, split):
     return {k: compare.per_image(run, split, k) for k in FIGURES}
 
 
-def record(name, variant, options, seed, run):
+def first_train_loss(run):
+    first = compare.read_jsonl(run / "metrics.jsonl")[0]
+    return first.get("train_loss")
+
+
+def record(name, variant, options, seed, run, wall_s=None):
     """The committed figures of one finished, evaluated run."""
     evaluation = compare.evaluated(run, "test")
     result = {
@@ -81,7 +117,11 @@ def record(name, variant, options, seed, run):
         "split_id": evaluation["split_id"],
         "figures": {k: evaluation["skills"][k]["accuracy"] for k in FIGURES},
         "test": per_image_columns(run, "test"),
+        "first_train_loss": first_train_loss(run),
+        "wall_s": wall_s,
     }
+    if name in claims.DECODED:
+        result["decoding"] = claims.decoding_record(run, seed)
     if (run / "predictions_compositional.jsonl").is_file():
         result["compositional"] = per_image_columns(run, "compositional")
     for key in ("data_dir", "vision", "language", "config_file"):  # machine-specific paths
@@ -98,7 +138,7 @@ def run_grid(grid, seeds, only, log):
     for name, variant, options, seed in tqdm(todo, desc="study", unit="run", disable=None):
         t0 = time.time()
         run = compare.train_or_reuse(variant, run_dir(name, variant, options, seed), ["--seed", str(seed), *options])
-        result = record(name, variant, options, seed, run)
+        result = record(name, variant, options, seed, run, time.time() - t0)
         line = f"{name} seed {seed}: " + ", ".join(
             f"{k} {v:.3f}" for k, v in result["figures"].items() if v is not None
         )
@@ -179,8 +219,13 @@ def main(argv=None):
             run_grid(grid, args.seeds, args.only, Path("runs") / f"study-{args.grid}.log")
         except (ValueError, OSError) as e:
             raise SystemExit(f"error: {e}") from None
-    report = direction_report(grid)
-    Path("docs/direction.md").write_text(report)
+    if args.grid == "claims":
+        results = committed(grid)
+        wall = sum(r.get("wall_s") or 0 for rs in results.values() for r in rs)
+        report, out = claims.report(results, committed(DIRECTION), wall), Path("docs/claims.md")
+    else:
+        report, out = direction_report(grid), Path("docs/direction.md")
+    out.write_text(report)
     print(report)
 
 
