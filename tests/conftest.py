@@ -5,7 +5,9 @@ build either captioner variant from a run config. Nothing is downloaded and
 nothing is pretrained: every backbone is random and a few kilobytes.
 """
 
+import concurrent.futures
 import contextlib
+import inspect
 import io
 import os
 import random
@@ -299,10 +301,14 @@ def script_env(cache, hide_java=False, **extra):
         **extra,
     )
     if hide_java:
-        env["PATH"] = os.pathsep.join(
-            p for p in env.get("PATH", "").split(os.pathsep) if p and not (Path(p) / "java").exists()
-        )
+        env["PATH"] = path_without_java()
     return env
+
+
+def path_without_java():
+    return os.pathsep.join(
+        p for p in os.environ.get("PATH", "").split(os.pathsep) if p and not (Path(p) / "java").exists()
+    )
 
 
 class Script:
@@ -382,9 +388,11 @@ class InProcess:
     that a library reads once, on import (HF_HUB_OFFLINE, HF_HOME), keep their values here: a case
     that reaches for the hub needs a Script."""
 
-    def __init__(self, args, cache, env=None):
+    def __init__(self, args, cache, env=None, hide_java=False):
         self.args = [str(a) for a in args]
         self.env = {"DUOCAP_CACHE": str(cache), "HF_HUB_OFFLINE": "1", **(env or {})}
+        if hide_java:
+            self.env["PATH"] = path_without_java()
         self.result = None
 
     def wait(self):
@@ -411,6 +419,12 @@ class InProcess:
                     rc = 1
             self.result = (rc, stdout.getvalue(), stderr.getvalue())
         return self.result
+
+    def ok(self):
+        """stdout + stderr of a run that must have exited 0."""
+        rc, stdout, stderr = self.wait()
+        assert rc == 0, f"{self.args} exited {rc}:\n{stdout[-3000:]}\n{stderr[-5000:]}"
+        return stdout + stderr
 
 
 def start_refusals(script, cases, cache, env=None, **paths):
@@ -446,23 +460,88 @@ def assert_refused(script, named, usage):
 
 
 # -----------------------------------------------------------------------------
+# fixtures whose work is subprocesses, started before the first test
+
+# The tests in this process train on one thread; these fixtures mostly wait on training
+# subprocesses. Started in a background thread when the session begins (for the fixtures the
+# selected tests need), they use the second core while the in-process tests run, instead of
+# leaving it idle and running on their own later. A body must not touch this process's global
+# state (working directory, sys.argv, stdout, the RNGs): it starts Scripts and reads files.
+HEAD_START = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="head-start")
+STARTED_EARLY = {}  # fixture name: (its body, a function of session fixtures; whether it runs in HEAD_START)
+STARTED = {}  # fixture name: the future of its body's result
+
+
+def started_early(body, in_thread=True):
+    """A session fixture, named as the body, whose body runs in HEAD_START: started by head_start
+    before the first test if a selected test needs it, or when first asked for."""
+    STARTED_EARLY[body.__name__] = (body, in_thread)
+
+    @pytest.fixture(scope="session", name=body.__name__)
+    def fixture(request):
+        return start(body.__name__, request).result()
+
+    fixture.__doc__ = body.__doc__
+    return fixture
+
+
+def started_first(body):
+    """The same for a body that only starts processes and returns at once (a refusal table): it
+    runs in this thread, at the session's start, so that its processes overlap the tests before."""
+    return started_early(body, in_thread=False)
+
+
+def start(name, request):
+    if name not in STARTED:
+        body, in_thread = STARTED_EARLY[name]
+        kwargs = {p: request.getfixturevalue(p) for p in inspect.signature(body).parameters}
+        if in_thread:
+            STARTED[name] = HEAD_START.submit(body, **kwargs)
+        else:
+            STARTED[name] = concurrent.futures.Future()
+            STARTED[name].set_result(body(**kwargs))
+    return STARTED[name]
+
+
+def pytest_collection_modifyitems(items):
+    """Test files that wait on a run started early go after the others, in the order the runs are
+    queued, so that the tests in this process run while those runs train. A file's tests stay
+    together (moving one apart would set its module fixtures up twice)."""
+    queue = [name for name, (_, in_thread) in STARTED_EARLY.items() if in_thread]
+    last_needed = {}
+    for item in items:  # a file that waits only on processes started at once goes before them, after the rest
+        needs = [queue.index(n) + 1 if n in queue else 0.5 for n in item.fixturenames if n in STARTED_EARLY]
+        last_needed[item.module] = max([last_needed.get(item.module, 0), *needs])
+    first_seen = {m: k for k, m in reversed(list(enumerate(item.module for item in items)))}
+    items.sort(key=lambda item: (last_needed[item.module], first_seen[item.module]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def head_start(request):
+    needed = set().union(*(item.fixturenames for item in request.session.items))
+    for name in sorted(STARTED_EARLY, key=lambda n: not STARTED_EARLY[n][1]):  # the background's queue first
+        if name in needed:
+            start(name, request)
+    yield
+    HEAD_START.shutdown(cancel_futures=True)
+
+
+# -----------------------------------------------------------------------------
 # runs shared by several test files, each started in the background and waited for together
 
 
 @pytest.fixture(scope="session")
 def trained_runs(tiny_args, duocap_cache, tmp_path_factory):
     """{variant: (run dir, stdout)}: both numbered scripts train 3 steps on the shapes data and
-    evaluate, side by side, in fresh processes."""
-    started = {}
+    evaluate, in this process as `python script` runs them (java hidden: no test here reads METEOR,
+    and each JVM costs seconds). The scripts run in fresh processes in resume_runs and the refusal
+    tables."""
+    runs = {}
     for variant, script in TRAIN_SCRIPTS.items():
         out = tmp_path_factory.mktemp(f"e2e-{variant}") / "run"
-        # a feature cache each: two runs computing the same cache file at the same moment would race
-        # on its one temporary name (features.cached_features writes <hash>.safetensors.tmp)
-        started[variant] = (
-            out,
-            Script([script, *tiny_args, "--max-steps", 3, "--batch-size", 8, "--out", out], duocap_cache / variant),
-        )
-    return {variant: (out, script.ok()) for variant, (out, script) in started.items()}
+        args = [script, *tiny_args, "--max-steps", 3, "--batch-size", 8, "--out", out]
+        runs[variant] = (out, InProcess(args, duocap_cache / variant, hide_java=True).ok())
+    return runs
 
 
 @pytest.fixture(scope="session")
@@ -482,10 +561,12 @@ def sources(tmp_path_factory):
 @pytest.fixture(scope="session")
 def source_runs(sources, vision_dir, language_dir, duocap_cache, tmp_path_factory):
     """{source: (run dir, exit status, stdout, stderr)}: 2 steps with each source, then the test
-    evaluation (java hidden: the plain-tokenizer metrics are enough here and much quicker)."""
+    evaluation (java hidden: the plain-tokenizer metrics are enough here and much quicker). In this
+    process: a fresh one would add only its seconds of imports (the scripts' own subprocess tests
+    are trained_runs and the refusal tables)."""
     runs = tmp_path_factory.mktemp("source-runs")
     scripts = {
-        name: Script(
+        name: InProcess(
             [TRAIN_SCRIPTS["explained"], "--vision", vision_dir, "--language", language_dir]
             + [*corpora.cli_source(name, where), "--max-steps", 2, "--batch-size", 4, "--out", runs / name],
             duocap_cache,
@@ -522,7 +603,7 @@ def signal_when(pending, timeout=240):
     assert not pending, "the runs to interrupt never reached the point of interruption"
 
 
-@pytest.fixture(scope="session")
+@started_early
 def resume_runs(tiny_args, duocap_cache, tmp_path_factory):
     """(run directories, {name: Script}): for each variant an uninterrupted run and a SIGKILLed one,
     resumed; an explained run stopped by SIGTERM, resumed."""

@@ -28,7 +28,7 @@ import app
 import data
 import decoding
 from bench_app import Server
-from conftest import Script, script_env
+from conftest import InProcess, script_env
 from decoding import caption_images
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -401,10 +401,11 @@ def browser_runs(request):
 
 
 def start_generate(runs, images, cache):
-    """generate.py --strategy greedy on the images, for each run, in fresh processes side by side."""
+    """generate.py --strategy greedy on the images, for each run (in this process, when waited for:
+    the page's server is the fresh process here)."""
     # at the page's default length (generate.py's follows the run)
     return {
-        run: Script(
+        run: InProcess(
             ["generate.py", "--checkpoint", run, "--strategy", "greedy", "--max-new-tokens", "30", *images], cache
         )
         for run in runs
@@ -414,7 +415,7 @@ def start_generate(runs, images, cache):
 def captions_of(scripts):
     """{run: {image path: caption}} from generate.py's path<TAB>caption lines."""
     return {
-        run: dict(line.split("\t", 1) for line in script.ok(timeout=120).splitlines() if "\t" in line)
+        run: dict(line.split("\t", 1) for line in script.ok().splitlines() if "\t" in line)
         for run, script in scripts.items()
     }
 
@@ -504,6 +505,3 @@ def test_in_a_browser_the_page_captions_like_generate_and_shows_attention(reques
             assert driver.save_screenshot(str(screenshot)) and screenshot.stat().st_size > 0
     finally:
         driver.quit()
-        for script in generating.values():
-            if script.proc.poll() is None:
-                script.proc.kill()

@@ -9,7 +9,7 @@ import bench
 import data
 import shapes
 import train
-from conftest import VARIANTS, assert_refused, perturb, start_refusals
+from conftest import VARIANTS, assert_refused, perturb, start_refusals, started_first
 from features import compute_features
 
 
@@ -92,7 +92,7 @@ REFUSALS = {
 }
 
 
-@pytest.fixture(scope="module")
+@started_first
 def bench_refusals(duocap_cache, tmp_path_factory):
     hub = {"HF_HOME": str(tmp_path_factory.mktemp("empty-hub-cache"))}
     return start_refusals("bench.py", REFUSALS, duocap_cache, env=hub)

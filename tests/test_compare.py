@@ -11,7 +11,7 @@ import scipy.stats
 import compare
 import skills
 import stats
-from conftest import assert_refused, start_refusals
+from conftest import assert_refused, start_refusals, started_first
 from runs import RunError
 
 REFUSALS = {
@@ -22,7 +22,7 @@ REFUSALS = {
 }
 
 
-@pytest.fixture(scope="module")
+@started_first
 def compare_refusals(runs_without_data, duocap_cache, tmp_path_factory):
     cases = {case: (args + ["--out", "{out}"], named, usage) for case, (args, named, usage) in REFUSALS.items()}
     paths = dict(

@@ -23,7 +23,7 @@ import evaluate
 import shapes
 import skills
 import train
-from conftest import assert_refused, loader_for, pixels_for, start_refusals, training_parts
+from conftest import assert_refused, loader_for, pixels_for, start_refusals, started_first, training_parts
 from data import Record
 from decoding import decode
 from evaluate import shapes_figures
@@ -365,7 +365,7 @@ REFUSALS = {
 }
 
 
-@pytest.fixture(scope="module")
+@started_first
 def evaluate_refusals(runs_without_data, duocap_cache, tmp_path_factory):
     empty = tmp_path_factory.mktemp("not-a-run")
     return start_refusals("evaluate.py", REFUSALS, duocap_cache, empty=empty, no_data=runs_without_data["explained"])

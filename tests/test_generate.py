@@ -9,7 +9,7 @@ from corpora import SOURCE_NAMES
 
 import generate
 from compare import read_jsonl
-from conftest import VARIANTS, Script, assert_refused, perturb, pixels_for, start_refusals, wait_all
+from conftest import VARIANTS, InProcess, assert_refused, perturb, pixels_for, start_refusals, started_first, wait_all
 from decoding import decode
 from runs import load_run, save_run
 
@@ -19,8 +19,9 @@ from runs import load_run, save_run
 
 @pytest.fixture(scope="module")
 def generated(trained_runs, splits, duocap_cache, tmp_path_factory):
-    """generate.py in fresh processes, side by side: every test image of each run; and, with the
-    explained run, a missing file, an empty folder and a file that is not an image beside a good one."""
+    """generate.py on every test image of each run; and, with the explained run, a missing file, an
+    empty folder and a file that is not an image beside a good one. In this process: the runs were
+    trained and evaluated in others, and the refusal table below runs generate.py fresh."""
     bad = tmp_path_factory.mktemp("bad-inputs")
     missing, empty, unreadable = bad / "no-such-photo.jpg", bad / "an-empty-folder", bad / "not-really.png"
     empty.mkdir()
@@ -29,9 +30,9 @@ def generated(trained_runs, splits, duocap_cache, tmp_path_factory):
     scripts = {}
     for variant, (out, _) in trained_runs.items():
         paths = [p["image"] for p in read_jsonl(out / "predictions_test.jsonl")]
-        scripts[variant] = Script(["generate.py", "--checkpoint", out, "--strategy", "greedy", *paths], duocap_cache)
+        scripts[variant] = InProcess(["generate.py", "--checkpoint", out, "--strategy", "greedy", *paths], duocap_cache)
     explained = trained_runs["explained"][0]
-    scripts["bad inputs"] = Script(
+    scripts["bad inputs"] = InProcess(
         ["generate.py", "--checkpoint", explained, "--strategy", "greedy", missing, empty, unreadable, good],
         duocap_cache,
     )
@@ -72,7 +73,7 @@ def test_generate_with_beam_search_prints_one_caption_per_image(make_model, spli
     save_run(model, config, run_dir)
     records = splits["test"][:4]
     args = ["--checkpoint", run_dir, "--strategy", "beam", "--beams", 3, "--max-new-tokens", 12]
-    rc, stdout, stderr = Script(["generate.py", *args, *[r.image for r in records]], duocap_cache).wait()
+    rc, stdout, stderr = InProcess(["generate.py", *args, *[r.image for r in records]], duocap_cache).wait()
     assert rc == 0, stderr[-5000:]
     lines = stdout.split("\n")
     assert lines[-1] == "" and len(lines) == len(records) + 1, stdout
@@ -122,7 +123,7 @@ REFUSALS = {
 }
 
 
-@pytest.fixture(scope="module")
+@started_first
 def generate_refusals(duocap_cache, tmp_path_factory):
     return start_refusals("generate.py", REFUSALS, duocap_cache, empty=tmp_path_factory.mktemp("not-a-run"))
 

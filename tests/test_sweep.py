@@ -16,7 +16,18 @@ from optuna.trial import TrialState
 
 import checkpoints
 import sweep
-from conftest import TRAIN_SCRIPTS, VARIANTS, InProcess, Script, assert_refused, kept_rng, signal_when, start_refusals
+from conftest import (
+    TRAIN_SCRIPTS,
+    VARIANTS,
+    InProcess,
+    Script,
+    assert_refused,
+    kept_rng,
+    signal_when,
+    start_refusals,
+    started_early,
+    started_first,
+)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # a trial of a few steps of 8 captions, scored on 2 val images
@@ -114,10 +125,10 @@ def test_a_sweep_plots_its_history_and_importances(swept):
 # a worker killed mid-trial
 
 
-@pytest.fixture(scope="module")
-def killed_then_finished(tiny_args, duocap_cache, tmp_path_factory):
-    """(out, trials as the killed worker left them, the second worker's stdout): a worker of a
-    2-trial study SIGKILLed once its second trial has a checkpoint; a second worker then finishes."""
+@started_early
+def killed_worker(tiny_args, duocap_cache, tmp_path_factory):
+    """(out, trials as the worker left them, its command line): a worker of a 2-trial study
+    SIGKILLed once its second trial has a checkpoint."""
     out = tmp_path_factory.mktemp("sweep-killed")
     argv = ["sweep.py", "--variant", "self_attention", "--n-trials", 2, "--out", out]
     argv += ["--heartbeat-interval", 1, "--grace-period", 3, "--", *tiny_args, *TINY]
@@ -126,7 +137,14 @@ def killed_then_finished(tiny_args, duocap_cache, tmp_path_factory):
     signal_when([(first, lambda: bool(checkpoints.checkpoint_dirs(out / "trial-1")), signal.SIGKILL)])
     rc, stdout, stderr = first.wait()
     assert rc == -signal.SIGKILL, stdout[-2000:] + stderr[-3000:]
-    left = trials_of(sqlite(out), "self_attention")
+    return out, trials_of(sqlite(out), "self_attention"), argv
+
+
+@pytest.fixture(scope="module")
+def killed_then_finished(killed_worker):
+    """(out, trials as the killed worker left them, the second worker's stdout): a second worker,
+    in this process, finishes the study."""
+    out, left, argv = killed_worker
     return out, left, sweep_here(argv[1:])
 
 
@@ -155,15 +173,25 @@ def test_a_retried_trial_resumes_from_the_killed_ones_checkpoint(killed_then_fin
 # two workers at once, on one machine (SQLite) and as on several (a PostgreSQL server)
 
 
+@started_early
+def two_worker_sweeps(tiny_args, duocap_cache, tmp_path_factory, postgres_url):
+    """{storage: (url, out, workers, their outputs)}: two workers started at once on one 4-trial study,
+    on SQLite and on the PostgreSQL server."""
+    started = {}
+    for storage in ("sqlite", "postgresql"):
+        out = tmp_path_factory.mktemp(f"two-workers-{storage}")
+        url = sqlite(out) if storage == "sqlite" else postgres_url
+        argv = ["sweep.py", "--variant", "explained", "--n-trials", 4, "--out", out, "--storage", url]
+        argv += ["--heartbeat-interval", 1, "--grace-period", 60, "--", *tiny_args, *TINY]
+        argv += ["--max-steps", 2, "--score-every", 1]
+        # a feature cache each: the cache's last step (its .meta.json.tmp) is not safe from two processes at once
+        started[storage] = (url, out, [Script(argv, duocap_cache / f"{storage}-worker{k}") for k in range(2)])
+    return {storage: (url, out, workers, [w.ok() for w in workers]) for storage, (url, out, workers) in started.items()}
+
+
 @pytest.mark.parametrize("storage", ["sqlite", "postgresql"])
-def test_two_workers_at_once_share_one_study(storage, request, tiny_args, duocap_cache, tmp_path):
-    url = sqlite(tmp_path) if storage == "sqlite" else request.getfixturevalue("postgres_url")
-    argv = ["sweep.py", "--variant", "explained", "--n-trials", 4, "--out", tmp_path, "--storage", url]
-    argv += ["--heartbeat-interval", 1, "--grace-period", 60, "--", *tiny_args, *TINY]
-    argv += ["--max-steps", 2, "--score-every", 1]
-    # a feature cache each: the cache's last step (its .meta.json.tmp) is not safe from two processes at once
-    workers = [Script(argv, duocap_cache / f"worker{k}") for k in range(2)]
-    outputs = [w.ok() for w in workers]
+def test_two_workers_at_once_share_one_study(storage, two_worker_sweeps):
+    url, out, workers, outputs = two_worker_sweeps[storage]
     trials = trials_of(url)
     assert_added_up(trials, 4)
     by_worker = {
@@ -173,7 +201,7 @@ def test_two_workers_at_once_share_one_study(storage, request, tiny_args, duocap
     for worker, output in zip(workers, outputs):
         mine = len(by_worker[worker.proc.pid])
         assert "has 4 of 4 trials finished" in output and f"{mine} of them run by this worker" in output, output[-2000:]
-    assert json.loads((tmp_path / "best.json").read_text())
+    assert json.loads((out / "best.json").read_text())
 
 
 # -----------------------------------------------------------------------------
@@ -196,7 +224,7 @@ REFUSALS = {
 }
 
 
-@pytest.fixture(scope="module")
+@started_first
 def sweep_refusals(duocap_cache, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep-refused")
     cases = {

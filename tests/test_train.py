@@ -40,12 +40,15 @@ from conftest import (
     RESUME_STEPS,
     TRAIN_SCRIPTS,
     VARIANTS,
+    InProcess,
     Script,
     assert_refused,
     batch_for,
     kept_rng,
     metrics_rows,
     start_refusals,
+    started_early,
+    started_first,
     training_parts,
     wait_all,
 )
@@ -207,7 +210,7 @@ TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 COMMON = ["--epochs", "1", "--max-steps", "3", "--no-eval", "--save-every", "0", "--log-every", "1"]
 
 
-@pytest.fixture(scope="module")
+@started_early
 def ddp_runs(tiny_args, duocap_cache, tmp_path_factory):
     """The same 3 steps of global batch 8: one process; 2 micro-batches of 4; torchrun with 2 ranks of 4."""
     root = tmp_path_factory.mktemp("ddp")
@@ -404,7 +407,7 @@ def test_resuming_with_the_other_variant_is_refused(resume_runs):
 DDP_RESUME_STEPS = 24
 
 
-@pytest.fixture(scope="module")
+@started_early
 def ddp_resume(tiny_args, duocap_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp-resume")
     torchrun = [*TORCHRUN, TRAIN_SCRIPTS["explained"]]
@@ -549,7 +552,8 @@ CORPUS_TRUNCATED = ["cut.png", "cut.jpg"]
 @pytest.fixture(scope="module")
 def corpus_runs(vision_dir, language_dir, duocap_cache, tmp_path_factory):
     """Every folder problem in one dataset (truncated images in train); the script run strict and
-    with --skip-bad; and a dataset whose test split holds a truncated image, evaluated."""
+    with --skip-bad; and a dataset whose test split holds a truncated image, evaluated. In this
+    process, as the script runs (the refusal table below has the script's fresh-process case)."""
     root = tmp_path_factory.mktemp("bad-corpus")
     cases = [make() for make in FOLDER_CASES.values()]
     names = [f"g{i:02d}.png" for i in range(N_GOOD)]
@@ -585,14 +589,14 @@ def corpus_runs(vision_dir, language_dir, duocap_cache, tmp_path_factory):
     ]
     runs_root = tmp_path_factory.mktemp("bad-runs")
     scripts = {
-        "strict": Script(
+        "strict": InProcess(
             base + ["--data-dir", root, "--max-steps", 3, "--no-eval", "--out", runs_root / "strict"], duocap_cache
         ),
-        "skip": Script(
+        "skip": InProcess(
             base + ["--data-dir", root, "--max-steps", 3, "--no-eval", "--skip-bad", "--out", runs_root / "skip"],
             duocap_cache,
         ),
-        "evaluated": Script(
+        "evaluated": InProcess(
             base + ["--data-dir", evaluated, "--max-steps", 1, "--skip-bad", "--out", runs_root / "evaluated"],
             duocap_cache,
             hide_java=True,
@@ -659,7 +663,7 @@ REFUSALS = {
 BAD_VALUES = {"explained": (["--batch-size", "0"], "--batch-size"), "self_attention": (["--lr", "-1"], "--lr")}
 
 
-@pytest.fixture(scope="module")
+@started_first
 def training_refusals(vision_dir, language_dir, duocap_cache, tmp_path_factory):
     """Both training scripts' refusal tables (start_refusals: one case of each in a fresh process)."""
     started = {}
