@@ -77,6 +77,17 @@ DIRECTION = [
         ],
     ),
     (
+        "self_attention+2d+fixed-scale+lora8+swept+8ep",
+        "self_attention",
+        ["--image-positions", "2d", "--image-scale", "fixed", "--lora", "8", *claims.SWEPT["self_attention"]]
+        + ["--epochs", "8"],
+    ),
+    (
+        "explained+context+2d+sharp+9ep",
+        "explained",
+        ["--queries", "context", "--image-positions", "2d", "--sharp-attention", "on", "--epochs", "9"],
+    ),
+    (
         "explained+context+2d+sharp+swept",
         "explained",
         ["--queries", "context", "--image-positions", "2d", "--sharp-attention", "on", *claims.SWEPT["explained"]],
