@@ -180,7 +180,9 @@ def direction_report(grid):
         "# Where direction is lost, and what brings it back",
         "",
         "Produced by `python study.py --grid direction --report` from the runs in `docs/study/` (each trained "
-        "by `python study.py --grid direction`: the demo's 5 epochs, seeds as listed). Each cell is the mean over "
+        "by `python study.py --grid direction`: the demo's 5 epochs unless the name says otherwise: `+9ep` for "
+        "`--epochs 9`, `+swept` for the sweep's lr, warmup and weight decay (`docs/sweeps/<variant>-best.json`), "
+        "`+lora8` for `--lora 8`; seeds as listed). Each cell is the mean over "
         "seeds with its 95% t interval; the difference is against the variant's default configuration on the same "
         "test images (stats.paired_difference: seeds as the unit plus the images' variance). `direction_both_ways` "
         f"is {skills.DIRECTION_CHANCE} for any captioner that does not read the direction and "
