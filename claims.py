@@ -25,7 +25,7 @@ import skills
 import stats
 from runs import LABELS, load_run
 
-EPOCHS = 3
+EPOCHS = 2  # the sweeps' trial budget, at which the swept settings were chosen
 HIGH_LR = 0.02  # about 4x both swept learning rates: where an unstable setting should show it
 TOP_K = 50
 SWEPT = {v: ["--config", f"docs/sweeps/{v}-best.json"] for v in LABELS}
@@ -40,7 +40,6 @@ CHANGES = {
         ("no-lm", ["--train-layers", "0"]),
         ("no-fusion-norm", ["--fusion-norm", "none"]),
         ("no-modality", ["--modality", "none"]),
-        ("no-clip", ["--grad-clip", "0"]),
         ("zero-text", ["--text-init", "zero"]),
         ("vision-2", ["--vision-layer", "-2"]),
         ("high-lr", ["--lr", str(HIGH_LR)]),
@@ -53,7 +52,6 @@ CHANGES = {
         ("no-lm", ["--train-layers", "0"]),
         ("no-modality", ["--modality", "none"]),
         ("no-positions", ["--positions", "none"]),
-        ("no-clip", ["--grad-clip", "0"]),
         ("zero-text", ["--text-init", "zero"]),
         ("start-first", ["--start-token-first", "on"]),
         ("vision-2", ["--vision-layer", "-2"]),
@@ -396,12 +394,11 @@ def report(results, direction, wall_s=None):
                     PUBLISHED[5] if change == "lora8" else "",
                 )
             )
-    for v in LABELS:
-        rows.append(comparison_row("6", f"{v} without gradient clipping", get(v, "no-clip"), get(v), -1))
+    for v in LABELS:  # tested at the high lr only, where instability could show (the grid's budget)
         rows.append(
             stability_row(
                 "6",
-                f"the same at lr {HIGH_LR}: val loss, and diverged runs",
+                f"{v} without gradient clipping, at lr {HIGH_LR}: val loss, and diverged runs",
                 get(v, "no-clip+high-lr"),
                 get(v, "high-lr"),
             )
@@ -451,7 +448,7 @@ def report(results, direction, wall_s=None):
         "",
         "Produced by `python study.py --grid claims` (rebuilt from `docs/study/` by `python study.py --grid claims "
         f"--report`). Every run: the variant's swept settings (`docs/sweeps/<variant>-best.json`), {EPOCHS} epochs of "
-        f"the demo (the sweeps' preset; the demo trains 5), seeds 0-2{timing}. "
+        f"the demo's data (the sweeps' trial budget; the demo trains 5), seeds 0-2{timing}. "
         "Effects are arm minus baseline on the same seeds: val loss (lower is better) per run with Welch's t over "
         "the seeds, objects accuracy per image and seed (`stats.paired_difference`). A verdict follows from the "
         "interval alone: supported when it excludes zero on the side the claim says, contradicted when it excludes "

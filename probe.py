@@ -14,6 +14,8 @@ scored on the other 30% at each stage:
                          (after "... red circle"): the fusion output of the cross-attention
                          variant, the token + position embedding of the self-attention one
   LM layer k             Qwen's hidden state there after decoder layer k
+  ... at the direction word  the same at the token that predicts the direction word ("the" in
+                         "to the left of"; the same token as above for "above" and "below")
 
 Targets: the relation's axis (left/right or above/below), its direction (the
 relation of the first object to the second, 4 classes: a probe that knows the
@@ -76,13 +78,21 @@ def stages(model, processor, tokenizer, records, batch_size=64):
         state = model.encode_images(features=features)
         captions = [shapes.describe(r.meta)[0] for r in batch]
         prefixes = [shapes.phrase(r.meta["objects"][0]) for r in batch]
+        # "to the left of" is decided at "the", two tokens after the object: the model may wait until then
+        before_word = [
+            p + (" to the" if r.meta["relation"].startswith("to the") else "") for p, r in zip(prefixes, batch)
+        ]
         ids = [[tokenizer.eos_token_id] + tokenizer(c, add_special_tokens=False)["input_ids"] for c in captions]
-        lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prefixes]
+        lengths, word_lengths = (
+            [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in texts]
+            for texts in (prefixes, before_word)
+        )
         if any(
             x[1 : n + 1] != tokenizer(p, add_special_tokens=False)["input_ids"]
-            for x, n, p in zip(ids, lengths, prefixes)
+            for texts, counts in ((prefixes, lengths), (before_word, word_lengths))
+            for x, n, p in zip(ids, counts, texts)
         ):
-            raise RunError("the tokenizer splits a caption's first object phrase differently inside the caption")
+            raise RunError("the tokenizer splits a caption's first words differently inside the caption")
         width = max(map(len, ids))
         padded = torch.tensor([x + [tokenizer.eos_token_id] * (width - len(x)) for x in ids])
         embeds = model.embed(state, padded, 0)
@@ -90,6 +100,7 @@ def stages(model, processor, tokenizer, records, batch_size=64):
         P = model.prefix_len(state)
         rows = torch.arange(len(batch))
         at = torch.tensor(lengths) + P  # the last token of "a small red circle": it predicts "to"/"above"
+        at_word = torch.tensor(word_lengths) + P  # the token that predicts "left"/"right"/"above"/"below"
         patch_a = torch.tensor(
             [cell(r.meta["objects"][0], grid)[0] * grid + cell(r.meta["objects"][0], grid)[1] for r in batch]
         )
@@ -97,6 +108,7 @@ def stages(model, processor, tokenizer, records, batch_size=64):
             "vision (patch of A)": features[rows, patch_a],
             "adapter (patch of A)": image[rows, patch_a],
             **{("LM input" if j == 0 else f"LM layer {j}"): h[rows, at] for j, h in enumerate(hidden)},
+            **{f"LM layer {j} at the direction word": h[rows, at_word] for j, h in enumerate(hidden) if j},
         }
         for name, x in named.items():
             found.setdefault(name, []).append(x.float().numpy())

@@ -52,7 +52,7 @@ def test_each_stage_is_read_where_the_relation_word_is_predicted(make_model, spl
     layers = model.lm.config.num_hidden_layers
     assert list(found) == ["vision (patch of A)", "adapter (patch of A)", "LM input"] + [
         f"LM layer {k}" for k in range(1, layers + 1)
-    ]
+    ] + [f"LM layer {k} at the direction word" for k in range(1, layers + 1)]
     r = pairs[3]
     caption, prefix = shapes.describe(r.meta)[0], shapes.phrase(r.meta["objects"][0])
     ids = torch.tensor([[tokenizer.eos_token_id] + tokenizer(caption, add_special_tokens=False)["input_ids"]])
@@ -65,6 +65,29 @@ def test_each_stage_is_read_where_the_relation_word_is_predicted(make_model, spl
     # the next word after the prefix is the relation's first word
     assert tokenizer.decode(ids[0, n + 1 :]).strip().split()[0] in ("to", "above", "below")
     np.testing.assert_allclose(found["LM input"][3], embeds.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_direction_word_stage_is_read_where_left_or_right_is_predicted(make_model, splits):
+    model, processor, tokenizer, _ = make_model("self_attention")
+    perturb(model, seed=4)
+    pairs = [r for r in splits["train"] if r.meta["relation"]]
+    horizontal = next(r for r in pairs if r.meta["relation"].startswith("to the"))
+    vertical = next(r for r in pairs if not r.meta["relation"].startswith("to the"))
+    found, _ = probe.stages(model, processor, tokenizer, [horizontal, vertical])
+    last = model.lm.config.num_hidden_layers
+    caption, prefix = shapes.describe(horizontal.meta)[0], shapes.phrase(horizontal.meta["objects"][0])
+    ids = torch.tensor([[tokenizer.eos_token_id] + tokenizer(caption, add_special_tokens=False)["input_ids"]])
+    n = len(tokenizer(prefix + " to the", add_special_tokens=False)["input_ids"])
+    assert tokenizer.decode(ids[0, n + 1 :]).strip().split()[0] in ("left", "right")
+    with torch.no_grad():
+        state = model.encode_images(
+            pixel_values=processor(images=[shapes.render_scene(horizontal.meta)], return_tensors="pt")["pixel_values"]
+        )
+        hidden = model.lm.model(inputs_embeds=model.embed(state, ids, 0), output_hidden_states=True).hidden_states
+    expected = hidden[last][0, model.prefix_len(state) + n].numpy()
+    np.testing.assert_allclose(found[f"LM layer {last} at the direction word"][0], expected, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(found[f"LM layer {last}"][0], expected), "two tokens earlier for left and right"
+    np.testing.assert_allclose(found[f"LM layer {last} at the direction word"][1], found[f"LM layer {last}"][1])
 
 
 def test_probe_refuses_a_run_without_enough_pairs(trained_runs, capsys):
