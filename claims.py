@@ -297,7 +297,7 @@ def decoding_rows(results):
     for v in LABELS:
         runs = [r for r in results.get(name(v), []) if "decoding" in r]
         if len(runs) < 2:
-            rows.append(f"| 7 | top-k vs greedy, {v} | not run yet | | | |")
+            rows.append(f"| 7 | top-k vs greedy, {LABELS[v]} | not run yet | | | |")
             continue
         cider = stats.seed_difference(
             [r["decoding"]["top-k"]["CIDEr"] for r in runs], [r["decoding"]["greedy"]["CIDEr"] for r in runs]
@@ -307,7 +307,7 @@ def decoding_rows(results):
             stats.floats([r["decoding"]["greedy"]["objects"] for r in runs]),
         )
         rows.append(
-            f"| 7 | top-k (k={TOP_K}) vs greedy, {v}: CIDEr ({len(runs)} runs) | {effect_cell(cider)} "
+            f"| 7 | top-k (k={TOP_K}) vs greedy, {LABELS[v]}: CIDEr ({len(runs)} runs) | {effect_cell(cider)} "
             f"| {effect_cell(objects)} | {verdict(cider, +1)} | |"
         )
     return rows
@@ -317,12 +317,12 @@ def direction_rows(direction):
     """The direction grid's findings (study.py --grid direction, the demo's own schedule)."""
     pairs = [
         (
-            "explained+context+2d+sharp",
+            "explained+context+2d+sharp+9ep",
             "explained",
-            "cross-attention: context queries + 2D positions + sharp attention",
+            "cross-attention: context queries + 2D positions + sharp attention, 9 epochs",
         ),
         ("explained+2d+sharp", "explained", "cross-attention with the seed's context-free queries (+2D, sharp)"),
-        ("self_attention+2d", "self_attention", "self-attention: 2D positions"),
+        ("self_attention+2d+lora8+swept", "self_attention", "self-attention: 2D positions, LoRA 8, swept lr"),
         ("self_attention+2d+all-layers", "self_attention", "self-attention: 2D positions, whole LM"),
     ]
     rows = []
@@ -364,7 +364,7 @@ def report(results, direction, wall_s=None):
         )
     )
     for v in LABELS:
-        rows.append(comparison_row("3", f"{v} without modality embeddings", get(v, "no-modality"), get(v), -1))
+        rows.append(comparison_row("3", f"{LABELS[v]} without modality embeddings", get(v, "no-modality"), get(v), -1))
     arms = {v: get(v, "no-modality") for v in LABELS}
     bases = {v: get(v) for v in LABELS}
     if all(len(arms[v]) >= 2 and len(bases[v]) >= 2 for v in LABELS):
@@ -387,7 +387,7 @@ def report(results, direction, wall_s=None):
             rows.append(
                 comparison_row(
                     "5",
-                    f"{v}: {label} instead of the last 2",
+                    f"{LABELS[v]}: {label} instead of the last 2",
                     get(v, change),
                     get(v),
                     -1,
@@ -398,7 +398,7 @@ def report(results, direction, wall_s=None):
         rows.append(
             stability_row(
                 "6",
-                f"{v} without gradient clipping, at lr {HIGH_LR}: val loss, and diverged runs",
+                f"{LABELS[v]} without gradient clipping, at lr {HIGH_LR}: val loss, and diverged runs",
                 get(v, "no-clip+high-lr"),
                 get(v, "high-lr"),
             )
@@ -409,7 +409,7 @@ def report(results, direction, wall_s=None):
         rows.append(
             question_row(
                 "9",
-                f"{v}: text-side additions zero-initialised",
+                f"{LABELS[v]}: text-side additions zero-initialised",
                 get(v, "zero-text"),
                 get(v),
                 "zero-init",
@@ -430,7 +430,7 @@ def report(results, direction, wall_s=None):
         rows.append(
             question_row(
                 "10",
-                f"{v}: penultimate vision layer",
+                f"{LABELS[v]}: penultimate vision layer",
                 get(v, "vision-2"),
                 get(v),
                 "layer -2",

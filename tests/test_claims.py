@@ -84,7 +84,7 @@ def rows_of(report):
 def test_the_report_gives_each_claim_its_interval_and_verdict(results):
     rows = rows_of(claims.report(results, {}))
     by_experiment = {r[1].split(" (")[0]: r for r in rows}
-    no_modality = by_experiment["self_attention without modality embeddings"]
+    no_modality = by_experiment["self-attention without modality embeddings"]
     d = stats.seed_difference([0.48, 0.481, 0.482], [0.38, 0.381, 0.382])
     assert no_modality[2] == claims.effect_cell(d) and no_modality[4] == "supported"
     interaction = by_experiment["the loss modality embeddings save: self-attention's minus cross-attention's"]
