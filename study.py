@@ -3,7 +3,9 @@ A study: a grid of training configurations x seeds on the demo, each run's figur
 small JSON under docs/study/, and a report rebuilt from what is committed.
 
     python study.py --grid direction [--seeds 3] [--only NAME ...]   # run what is not done yet
-    python study.py --grid direction --report                        # rebuild the report only
+    python study.py --grid direction --report                        # rebuild docs/direction.md only
+    python study.py --grid claims                                    # the claims study (claims.py)
+    python study.py --grid claims --report                           # rebuild docs/claims.md only
 
 A configuration is a name, a variant and the options it adds to the numbered script's defaults
 (the ablation switches of switches.py); a configuration with no options is the variant's default,
