@@ -456,7 +456,8 @@ def report(results, direction, wall_s=None):
         "(80% power). A run counts as diverged when it had a non-finite step or ended with its val loss above its "
         "first logged training loss.",
         "",
-        "| item | experiment | effect: val loss [95% CI] | objects accuracy [95% CI] | verdict | published |",
+        "| item | experiment | effect [95% CI]: val loss unless the row says | objects accuracy [95% CI] "
+        "| verdict | published |",
         "|---|---|---|---|---|---|",
     ]
     return "\n".join(head + rows) + "\n"
