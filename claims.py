@@ -33,31 +33,24 @@ BASE = {v: [*SWEPT[v], "--epochs", str(EPOCHS)] for v in LABELS}
 SHORT = {"explained": "c.ca", "self_attention": "c.sa"}  # names of the configurations: c.<variant>+<change>
 
 # what each claim switches, per variant: (change name, options added to the baseline's)
+BOTH = [
+    ("lora8", ["--lora", "8", "--train-layers", "0"]),
+    ("whole-lm", ["--train-layers", "4"]),
+    ("no-lm", ["--train-layers", "0"]),
+    ("no-modality", ["--modality", "none"]),
+    ("zero-text", ["--text-init", "zero"]),
+    ("vision-2", ["--vision-layer", "-2"]),
+    ("high-lr", ["--lr", str(HIGH_LR)]),
+    ("no-clip+high-lr", ["--grad-clip", "0", "--lr", str(HIGH_LR)]),
+]
 CHANGES = {
-    "explained": [
-        ("lora8", ["--lora", "8", "--train-layers", "0"]),
-        ("whole-lm", ["--train-layers", "4"]),
-        ("no-lm", ["--train-layers", "0"]),
+    "explained": BOTH
+    + [
         ("no-fusion-norm", ["--fusion-norm", "none"]),
-        ("no-modality", ["--modality", "none"]),
-        ("zero-text", ["--text-init", "zero"]),
-        ("vision-2", ["--vision-layer", "-2"]),
-        ("high-lr", ["--lr", str(HIGH_LR)]),
         ("no-fusion-norm+high-lr", ["--fusion-norm", "none", "--lr", str(HIGH_LR)]),
-        ("no-clip+high-lr", ["--grad-clip", "0", "--lr", str(HIGH_LR)]),
     ],
-    "self_attention": [
-        ("lora8", ["--lora", "8", "--train-layers", "0"]),
-        ("whole-lm", ["--train-layers", "4"]),
-        ("no-lm", ["--train-layers", "0"]),
-        ("no-modality", ["--modality", "none"]),
-        ("no-positions", ["--positions", "none"]),
-        ("zero-text", ["--text-init", "zero"]),
-        ("start-first", ["--start-token-first", "on"]),
-        ("vision-2", ["--vision-layer", "-2"]),
-        ("high-lr", ["--lr", str(HIGH_LR)]),
-        ("no-clip+high-lr", ["--grad-clip", "0", "--lr", str(HIGH_LR)]),
-    ],
+    "self_attention": BOTH
+    + [("no-positions", ["--positions", "none"]), ("start-first", ["--start-token-first", "on"])],
 }
 
 
@@ -79,7 +72,6 @@ DECODED = {name(v) for v in LABELS}  # the runs claims 7 and 8 caption again
 def decoding_record(run, seed):
     """Top-k captions of the test images beside the greedy ones, and greedy captioning's cost."""
     model, processor, tokenizer, config = load_run(run)
-    torch.manual_seed(seed)
     records = data.splits_for(config, strict=False)["test"]
     images = [r.image for r in records]
     scenes = [r.meta for r in records]
@@ -157,10 +149,14 @@ def objects_effect(arm, base):
     )
 
 
+def not_run(item, experiment, arm, base, published):
+    return f"| {item} | {experiment} | not run yet ({len(arm)} and {len(base)} seeds) | | | {published} |"
+
+
 def comparison_row(item, experiment, arm, base, claim_sign, published=""):
     """A claim's row: the val loss effect decides, objects accuracy is shown beside it."""
     if len(arm) < 2 or len(base) < 2:
-        return f"| {item} | {experiment} | not run yet ({len(arm)} and {len(base)} seeds) | | | {published} |"
+        return not_run(item, experiment, arm, base, published)
     loss = loss_effect(arm, base)
     objects = objects_effect(arm, base)
     return (
@@ -172,7 +168,7 @@ def comparison_row(item, experiment, arm, base, claim_sign, published=""):
 def stability_row(item, experiment, arm, base, published=""):
     """A stability claim: diverged runs in each arm at the high learning rate, and the val loss there."""
     if len(arm) < 2 or len(base) < 2:
-        return f"| {item} | {experiment} | not run yet ({len(arm)} and {len(base)} seeds) | | | {published} |"
+        return not_run(item, experiment, arm, base, published)
     loss = loss_effect(arm, base)
     counts = f"diverged {sum(map(diverged, arm))}/{len(arm)} vs {sum(map(diverged, base))}/{len(base)}"
     return (
@@ -184,7 +180,7 @@ def stability_row(item, experiment, arm, base, published=""):
 def question_row(item, experiment, arm, base, arm_name, base_name, published=""):
     """A design question, not a claim: which of the two is better, or no difference detected."""
     if len(arm) < 2 or len(base) < 2:
-        return f"| {item} | {experiment} | not run yet ({len(arm)} and {len(base)} seeds) | | | {published} |"
+        return not_run(item, experiment, arm, base, published)
     loss = loss_effect(arm, base)
     return (
         f"| {item} | {experiment} ({len(arm)} vs {len(base)} seeds) | {effect_cell(loss)} "
