@@ -277,7 +277,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory written by a training script")
     p.add_argument("--split", default="test")
-    decoding.add_options(p, strategy="greedy")
+    decoding.add_options(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="where to write the JSON (default RUN_DIR/eval_<split>.json)")
     args = p.parse_args(argv)

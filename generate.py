@@ -1,7 +1,7 @@
 """
 Caption images with a trained checkpoint; prints path<TAB>caption per image.
 
-    python generate.py --checkpoint RUN_DIR images/ photo.jpg ... [--strategy top-k|top-p|greedy|beam]
+    python generate.py --checkpoint RUN_DIR images/ photo.jpg ... [--strategy greedy|top-k|top-p|beam]
 
 The variant is read from the checkpoint. Decoding is batched and uses Qwen's KV
 cache, with the image side computed once per image; --no-kv-cache recomputes
@@ -43,7 +43,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run directory written by a training script")
     p.add_argument("paths", nargs="+", help="image files or folders")
-    decoding.add_options(p, strategy="top-k")
+    decoding.add_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence at every step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

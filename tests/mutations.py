@@ -351,6 +351,14 @@ MUTATIONS = [
         '            config["max_steps"] = config["max_steps"]',
         ("tests/test_train.py", "-k", "flops_budget_stops_training"),
     ),
+    Mutation(
+        "generate-samples-by-default",
+        "generate.py samples with top-k unless told otherwise, and so captions unlike the run's evaluation",
+        "decoding.py",
+        'parser.add_argument("--strategy", default="greedy", choices=STRATEGIES)',
+        'parser.add_argument("--strategy", default="top-k", choices=STRATEGIES)',
+        ("tests/test_generate.py", "-k", "reproduces_the_evaluation_captions"),
+    ),
 ]
 
 

@@ -427,7 +427,7 @@ def test_beam_search_returns_the_best_normalised_caption_when_short_beams_finish
 
 def test_generated_length_follows_the_run_unless_given():
     parser = argparse.ArgumentParser()
-    decoding.add_options(parser, strategy="greedy")
+    decoding.add_options(parser)
     config = {"max_caption_tokens": 40}
     assert decoding.options(parser.parse_args([]), config)["max_new_tokens"] == 41, "caption + EOS, as trained"
     assert decoding.options(parser.parse_args(["--max-new-tokens", "7"]), config)["max_new_tokens"] == 7

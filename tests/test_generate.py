@@ -1,5 +1,5 @@
-"""generate.py: it captions with the run's own decoding (the captions of the run's evaluation, beam
-search's with --strategy beam), from a run on any data source; it reports each bad input and
+"""generate.py: by default it captions as the run's evaluation did (greedy), beam search with
+--strategy beam, from a run on any data source; it reports each bad input and
 captions the rest; and it refuses a bad run folder or a bad value in one line."""
 
 import json
@@ -30,7 +30,7 @@ def generated(trained_runs, splits, duocap_cache, tmp_path_factory):
     scripts = {}
     for variant, (out, _) in trained_runs.items():
         paths = [p["image"] for p in read_jsonl(out / "predictions_test.jsonl")]
-        scripts[variant] = InProcess(["generate.py", "--checkpoint", out, "--strategy", "greedy", *paths], duocap_cache)
+        scripts[variant] = InProcess(["generate.py", "--checkpoint", out, *paths], duocap_cache)  # greedy by default
     explained = trained_runs["explained"][0]
     scripts["bad inputs"] = InProcess(
         ["generate.py", "--checkpoint", explained, "--strategy", "greedy", missing, empty, unreadable, good],
