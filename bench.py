@@ -71,9 +71,9 @@ def mid_records(root, n):
     Decoding time follows the amount of coded data. A flat drawing upscaled to
     500x375 codes to under 10 KB where a photo takes about 130 KB (the Flickr8k
     archive holds 8,091 of them in about 1 GB), so the drawing is toned down from
-    pure white and grain is added, which brings the files to about 110 KB and the
-    decoding time from under 1 ms to about 2 ms; otherwise the benchmark would
-    under-state what the feature cache saves."""
+    pure white and grain is added, which brings the files from 6 KB to about 110 KB and
+    the decoding time from 0.7 ms to 1.7 ms (docs/performance.md); otherwise the
+    benchmark would under-state what the feature cache saves."""
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     pairs = [(c, s) for c in shapes.COLOURS for s in shapes.SHAPES]
@@ -86,6 +86,21 @@ def mid_records(root, n):
             Image.fromarray((pixels * 0.75 + 32 + grain).clip(0, 255).astype(np.uint8)).save(path, quality=90)
         records.append(data.Record(path, shapes.describe(scene)))
     return records
+
+
+def image_files(records):
+    """Mean file size (KB) and decoding time (ms) of the benchmark's images: what the
+    feature cache saves per image depends on them."""
+    paths = [r.image for r in records]
+    start = time.perf_counter()
+    for path in paths:
+        data.read_image(path)
+    decode_ms = (time.perf_counter() - start) / len(paths) * 1000
+    return {
+        "files": len(paths),
+        "mean_kb": sum(p.stat().st_size for p in paths) / len(paths) / 1000,
+        "decode_ms": decode_ms,
+    }
 
 
 def load_backbones(size, random_init):
@@ -237,7 +252,7 @@ def main(argv=None):
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
 
-    results = {"train_samples_per_s": {}, "train_flops_per_step": {}}
+    results = {"images": image_files(records), "train_samples_per_s": {}, "train_flops_per_step": {}}
     mfu = {}
     for cls in VARIANTS.values():
         model = cls(vision, lm).freeze().to(device)
@@ -295,6 +310,8 @@ def print_table(r):
         f"\nbench --size {r['size']}{' --random-init' if r['random_init'] else ''} on {r['device']} "
         f"({r['device_name']}), batch {r['batch_size']}, {r['precision']}"
     )
+    i = r["images"]
+    print(f"{i['files']} images, {i['mean_kb']:.0f} KB and {i['decode_ms']:.1f} ms to decode each")
     print(f"{'':34}{'cross-attention':>18}{'self-attention':>18}")
     for key, label in (
         ("cache_warm", "train samples/s, features cached"),

@@ -24,6 +24,8 @@ class Clock:
         self.now += 1.0
         return self.now
 
+    perf_counter = time
+
 
 def flops_of(fn):
     with FlopCounterMode(display=False) as counter:
@@ -80,6 +82,13 @@ def test_bench_mid_images_are_photo_sized_jpegs_with_their_captions(tmp_path):
     again = bench.mid_records(tmp_path, 3)
     assert [r.captions for r in again] == [r.captions for r in records]
     assert [r.image.stat().st_mtime_ns for r in again] == stamps
+
+
+def test_bench_reports_its_images_size_and_decoding_time(tmp_path, monkeypatch):
+    records = bench.mid_records(tmp_path, 2)
+    monkeypatch.setattr(bench, "time", Clock())  # decoding both takes 1 s here
+    sizes = [r.image.stat().st_size for r in records]
+    assert bench.image_files(records) == {"files": 2, "mean_kb": sum(sizes) / 2 / 1000, "decode_ms": 500.0}
 
 
 # -----------------------------------------------------------------------------
