@@ -101,10 +101,18 @@ def plot_losses(runs, out):
     plt.close(fig)
 
 
+def printable(text):
+    """A caption as the plots can draw it: a barely trained run writes control characters,
+    which no font has glyphs for."""
+    return "".join(c if c.isprintable() else "\ufffd" for c in text)
+
+
 def plot_samples(predictions, out, n=8):
     variants = list(predictions)
     rows = list(zip(*(predictions[v][:n] for v in variants)))
-    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 1.25 * len(rows)), gridspec_kw={"width_ratios": [1, 5]})
+    fig, axes = plt.subplots(
+        len(rows), 2, figsize=(11, 1.25 * len(rows)), gridspec_kw={"width_ratios": [1, 5]}, squeeze=False
+    )
     for (ax_img, ax_txt), preds in zip(axes, rows):
         ax_img.imshow(data.read_image(preds[0]["image"]))
         ax_img.axis("off")
@@ -114,7 +122,7 @@ def plot_samples(predictions, out, n=8):
             f"{NAMES[v]}: {p['caption']}" + ("" if p["caption"] in p["references"] else "   (no exact match)")
             for v, p in zip(variants, preds)
         ]
-        ax_txt.text(0, 0.5, "\n".join(lines), va="center", fontsize=11, family="monospace")
+        ax_txt.text(0, 0.5, "\n".join(map(printable, lines)), va="center", fontsize=11, family="monospace")
     fig.suptitle("Test images: a reference caption and each variant's greedy caption", fontsize=13)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -134,7 +142,7 @@ def plot_attention(runs, records, out, max_words=10):
             ids = torch.tensor([[tokenizer.eos_token_id] + tokens[:-1]])
             weights = model.image_attention(state, ids)[0]  # [T, P]: position t produced tokens[t]
             grid = int(weights.shape[-1] ** 0.5)
-            words = [tokenizer.decode([t]).strip() for t in tokens]
+            words = [printable(tokenizer.decode([t]).strip()) for t in tokens]
             panels.append((f"{NAMES[variant]}", image, words, weights.view(-1, grid, grid)))
     cols = max(len(p[2]) for p in panels)
     fig, axes = plt.subplots(len(panels), cols + 1, figsize=(1.6 * (cols + 1), 1.9 * len(panels)), squeeze=False)

@@ -193,7 +193,7 @@ def perturb(model, seed=0, std=0.5):
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad and not name.startswith("lm."):
-                spread = p.detach().float().std().nan_to_num().item()  # one value (a gate) has no spread
+                spread = p.detach().float().std().item() if p.numel() > 1 else 0.0  # a gate: one value
                 p.add_(torch.randn(p.shape, generator=gen) * std * (spread + 0.05))
     return model
 

@@ -359,6 +359,14 @@ MUTATIONS = [
         'parser.add_argument("--strategy", default="top-k", choices=STRATEGIES)',
         ("tests/test_generate.py", "-k", "reproduces_the_evaluation_captions"),
     ),
+    Mutation(
+        "compare-seeds-not-the-scripts-runs",
+        "compare.py's seed-k runs are trained with another seed than the scripts' (seed 0 is not the demo run)",
+        "compare.py",
+        'train_or_reuse(v, out / f"{v}-seed{k}", ["--seed", str(k), *budget])',
+        'train_or_reuse(v, out / f"{v}-seed{k}", ["--seed", str(k + 1), *budget])',
+        ("tests/test_compare.py", "-k", "seed_0_runs"),
+    ),
 ]
 
 

@@ -3,6 +3,8 @@ known outcomes, the test-set refusal, a whole comparison of trained runs, and re
 folder, missing data or a bad value in one line, before training or evaluating anything."""
 
 import json
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import scipy.stats
 import compare
 import skills
 import stats
+import train
 from conftest import assert_refused, start_refusals, started_first
 from runs import RunError
 
@@ -291,3 +294,55 @@ def test_a_row_on_too_few_images_says_so(tmp_path):
     row = next(r for r in compare.table_rows(groups, evals, "test") if r.name == "direction")
     assert 0 < row.diff.n_images < stats.MIN_IMAGES
     assert compare.say(row).startswith("too few images")
+
+
+def test_the_sample_plot_draws_a_caption_with_control_characters(splits, tmp_path):
+    """A barely trained run writes control characters; the plot shows them as U+FFFD rather than
+    warning about a glyph no font has."""
+    image = str(splits["test"][0].image)
+    predictions = {
+        variant: [{"image": image, "caption": "a red\x1b circle\x10", "references": ["a red circle"]}]
+        for variant in ("explained", "self_attention")
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compare.plot_samples(predictions, tmp_path / "samples.png")
+    assert (tmp_path / "samples.png").stat().st_size > 0
+    assert compare.printable("a red\x1b circle") == "a red\ufffd circle"
+
+
+def test_the_seed_0_runs_compare_trains_are_the_training_scripts_runs(monkeypatch, tmp_path):
+    """`python compare.py --seeds 3` trains seed 0 of each variant with the options that
+    `python 08_train_explained.py` and `python 10_train_self_attention.py` use (so the README's
+    demo figures and compare's seed-0 runs are the same runs), and seed k with --seed k."""
+
+    class Parsed(Exception):
+        pass
+
+    def capture(args, out):
+        raise Parsed(args)
+
+    train_seeds = compare.train_seeds
+    monkeypatch.setattr(compare, "train_seeds", capture)
+    with pytest.raises(Parsed) as parsed:
+        compare.main(["--out", str(tmp_path / "compare")])
+    args = parsed.value.args[0]
+
+    trained = {}
+
+    def fake_train(variant, argv):
+        out = Path(argv[argv.index("--out") + 1])
+        out.mkdir(parents=True)
+        (out / "summary.json").write_text(
+            json.dumps({"train_flops": {"explained": 1.0, "self_attention": 2.0}[variant]})
+        )
+        trained[out.name] = (variant, [a for a in argv[argv.index("--out") + 2 :] if a != "--no-eval"])
+
+    monkeypatch.setattr(compare.train, "main", fake_train)
+    train_seeds(args, tmp_path / "runs")
+    for variant in ("explained", "self_attention"):
+        script = train.run_config(variant, train.parse_args(variant, []))
+        for seed in range(3):
+            got_variant, argv = trained[f"{variant}-seed{seed}"]
+            assert got_variant == variant
+            assert train.run_config(variant, train.parse_args(variant, argv)) == {**script, "seed": seed}
