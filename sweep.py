@@ -13,8 +13,8 @@ its name in a --config file: float:LOW:HIGH[:log], int:LOW:HIGH[:log] or cat:A,B
 A trial's value is its final validation loss over the whole val split (summary.json's
 final_val_loss; lower is better), not the validation object score: on its 64 images that
 score moves in steps of 1/64 and ties the best trials, while the loss keeps separating the
-good trials from the very good ones. The same loss, computed at each validation score (--score-loss), is reported
-to the pruner, which stops trials that trail the others.
+good trials from the very good ones. The same loss, computed at each validation score
+(--score-loss), is reported to the pruner, which stops trials that trail the others.
 
 Trials are short (--epochs 2, where the demo's runs have 5, to fit a study into a working
 session on 2 cores), and short runs favour whatever learns fast. So the best trial is a
