@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import random
 import warnings
 from collections import Counter
@@ -44,6 +45,16 @@ class Record:
 
 class DataError(ValueError):
     """Bad or missing input data; the message names the file and the problem."""
+
+
+# what datasets call their validation split
+SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val"}
+
+
+def image_name(name):
+    """An image's name as a caption file or a split file writes it, in one spelling: `./a.jpg`,
+    `a.jpg` and `img/../a.jpg` are one image."""
+    return posixpath.normpath(name) if isinstance(name, str) else name
 
 
 # -----------------------------------------------------------------------------
@@ -121,23 +132,28 @@ def text_lines(path, problems):
 
 
 def group_captions(root, rows, problems):
-    """[(image name, caption, where)] -> one Record per good image, in first-seen order."""
+    """[(image name, caption, where)] -> {image name: Record} for the good images, in
+    first-seen order."""
     by_image, first_seen = {}, {}
     for name, caption, where in rows:
-        caption = caption.strip() if isinstance(caption, str) else ""
+        name = image_name(name)
+        if caption is not None and not isinstance(caption, str):
+            problems.append(f"{where}: the caption of {name} is a {type(caption).__name__}, expected a string")
+            continue
+        caption = (caption or "").strip()
         if not caption:
             problems.append(f"{where}: empty caption for {name}")
             continue
         by_image.setdefault(name, []).append(caption)
         first_seen.setdefault(name, where)
-    records = []
+    records = {}
     for name, caps in by_image.items():
         path = Path(root) / name
         problem = check_image(path)
         if problem:
             problems.append(f"{path}: {problem} (named at {first_seen[name]})")
         else:
-            records.append(Record(path, caps))
+            records[name] = Record(path, caps)
     return records
 
 
@@ -178,16 +194,23 @@ def read_csv_captions(path, problems):
 
 def read_split_names(path):
     """{split: [image name]} from splits.json; a file of any other shape is a DataError."""
-    try:
-        named = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    named = read_json(path)
     if not (
         isinstance(named, dict)
         and all(isinstance(v, list) and all(isinstance(n, str) for n in v) for v in named.values())
     ):
         raise DataError(f'{path}: expected {{"train": ["image name", ...], "val": [...], "test": [...]}}')
-    return named
+    if "val" not in named:
+        named = {SPLIT_ALIASES.get(split, split): names for split, names in named.items()}
+    return {split: [image_name(n) for n in names] for split, names in named.items()}
+
+
+def read_json(path):
+    """A JSON file (a UTF-8 byte-order mark allowed); anything else is a DataError naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
 
 
 def check_split_names(rows, named, split_files, captions_file, problems):
@@ -195,7 +218,7 @@ def check_split_names(rows, named, split_files, captions_file, problems):
     rows: a named image with no caption is a problem, captioned images that no split names
     are counted. Returns the names in some split."""
     in_a_split = {n for names in named.values() for n in names}
-    captioned = {name for name, _, _ in rows}
+    captioned = {image_name(name) for name, _, _ in rows}
     for split, names in named.items():
         problems += [
             f"{split_files[split]}: {n} (in {split}) has no caption in {captions_file}"
@@ -227,15 +250,14 @@ def load_folder(root, problems):
     named = read_split_names(splits_file) if splits_file.is_file() else None
     if named is not None:
         check_split_names(rows, named, dict.fromkeys(named, splits_file), captions_file, problems)
-    records = group_captions(root, rows, problems)
+    by_name = group_captions(root, rows, problems)
     meta_file = root / "metadata.jsonl"
     if meta_file.is_file():
-        meta = {row["image"]: row for _, row in jsonl_objects(meta_file, problems, [])}
-        for r in records:
-            r.meta = meta.get(str(r.image.relative_to(root)), {})
+        meta = {image_name(row["image"]): row for _, row in jsonl_objects(meta_file, problems, [])}
+        for name, r in by_name.items():
+            r.meta = meta.get(name, {})
     if named is None:
-        return {"all": records}
-    by_name = {str(r.image.relative_to(root)): r for r in records}
+        return {"all": list(by_name.values())}
     return {split: [by_name[n] for n in names if n in by_name] for split, names in named.items()}
 
 
@@ -265,7 +287,10 @@ def load_flickr8k(root, problems):
         "Put the images in Flicker8k_Dataset/ (the official, misspelled name) and Flickr8k.token.txt and "
         "the Flickr_8k.*Images.txt split files beside it, or pass --data-dir",
     )
-    names = {split: [line.strip() for _, line in text_lines(root / f, problems)] for split, f in split_files.items()}
+    names = {
+        split: [image_name(line.strip()) for _, line in text_lines(root / f, problems)]
+        for split, f in split_files.items()
+    }
     rows = []
     for n, line in text_lines(token_file, problems):
         key, sep, caption = line.partition("\t")
@@ -276,8 +301,8 @@ def load_flickr8k(root, problems):
     in_a_split = check_split_names(rows, names, {s: root / f for s, f in split_files.items()}, token_file, problems)
     # the official token file names one image (2258277193_586949ec62.jpg.1) that no split uses
     # and that is not on disk: left out before its file is checked
-    rows = [row for row in rows if row[0] in in_a_split]
-    by_name = {r.image.name: r for r in group_captions(image_dir, rows, problems)}
+    rows = [row for row in rows if image_name(row[0]) in in_a_split]
+    by_name = group_captions(image_dir, rows, problems)
     return {split: [by_name[n] for n in split_names if n in by_name] for split, split_names in names.items()}
 
 
@@ -292,16 +317,30 @@ def load_karpathy(root, problems, image_root=None, restval="train"):
             f"{[f.name for f in found] or 'none'}"
         )
     image_root = Path(image_root) if image_root else (root / "images" if (root / "images").is_dir() else root)
+    entries = read_json(found[0])
+    if not isinstance(entries, dict) or not isinstance(entries.get("images"), list):
+        raise DataError(f'{found[0]}: expected {{"images": [{{"filename", "split", "sentences"}}, ...]}}')
     rows, split_of = [], {}
-    for k, e in enumerate(json.loads(found[0].read_text(encoding="utf-8"))["images"]):
-        name = str(Path(e.get("filepath", "")) / e["filename"])
-        split_of[name] = restval if e["split"] == "restval" else e["split"]
-        rows += [(name, s["raw"], f"{found[0]} images[{k}]") for s in e["sentences"]]
+    for k, e in enumerate(entries["images"]):
+        where = f"{found[0]} images[{k}]"
+        try:
+            name = image_name(posixpath.join(e.get("filepath", ""), e["filename"]))
+            split, sentences = e["split"], [s["raw"] for s in e["sentences"]]
+        except (AttributeError, KeyError, TypeError) as err:
+            problems.append(f'{where}: expected {{"filename", "split", "sentences": [{{"raw"}}, ...]}} ({err!r})')
+            continue
+        if split not in ("train", "val", "test", "restval"):
+            problems.append(f"{where}: {name} is in an unknown split {split!r} (train, val, test or restval)")
+            continue
+        if not sentences:
+            problems.append(f"{where}: {name} has no captions")
+            continue
+        split_of[name] = restval if split == "restval" else split
+        rows += [(name, raw, where) for raw in sentences]
     splits = {"train": [], "val": [], "test": []}
-    for r in group_captions(image_root, rows, problems):
-        split = split_of[str(r.image.relative_to(image_root))]
-        if split in splits:  # restval "drop" leaves those images out
-            splits[split].append(r)
+    for name, r in group_captions(image_root, rows, problems).items():
+        if split_of[name] in splits:  # restval "drop" leaves those images out
+            splits[split_of[name]].append(r)
     return splits
 
 
@@ -317,17 +356,25 @@ def load_coco(root, problems, seed=0):
     )
     out = {}
     for split, path in ann.items():
-        d = json.loads(path.read_text(encoding="utf-8"))
-        names = {im["id"]: im["file_name"] for im in d["images"]}
-        rows = [
-            (
-                names.get(a["image_id"], f"<unknown image id {a['image_id']}>"),
-                a["caption"],
-                f"{path} annotation {a.get('id', k)}",
-            )
-            for k, a in enumerate(d["annotations"])
-        ]
-        out[split] = group_captions(root / f"{split}2017", rows, problems)
+        d = read_json(path)
+        try:
+            names = {im["id"]: im["file_name"] for im in d["images"]}
+            rows = [
+                (
+                    names.get(a["image_id"], f"<unknown image id {a['image_id']}>"),
+                    a["caption"],
+                    f"{path} annotation {a.get('id', k)}",
+                )
+                for k, a in enumerate(d["annotations"])
+            ]
+        except (AttributeError, KeyError, TypeError) as e:
+            raise DataError(
+                f'{path}: expected {{"images": [{{"id", "file_name"}}], "annotations": [{{"image_id", "caption"}}]}} '
+                f"({e!r})"
+            ) from None
+        captioned = {a["image_id"] for a in d["annotations"]}
+        problems += [f"{path}: {n} (image id {i}) has no caption" for i, n in names.items() if i not in captioned]
+        out[split] = list(group_captions(root / f"{split}2017", rows, problems).values())
     held = split_by_image(out["train"], seed, val_fraction=0.05, test_fraction=0.0)
     return {"train": held["train"], "val": held["val"], "test": out["val"]}
 
@@ -362,7 +409,6 @@ def load_hf(name, problems, cache_dir, image_column="image", caption_columns=("c
     else:
         raise DataError(f"hf:{name}: no such folder, and hub datasets are only fetched with --download")
     ds = ds if isinstance(ds, datasets.DatasetDict) else {"all": ds}
-    rename = {"validation": "val", "valid": "val", "dev": "val"}
     splits = {}
     for split, part in ds.items():
         missing = [c for c in (image_column, *caption_columns) if c not in part.column_names]
@@ -388,18 +434,22 @@ def load_hf(name, problems, cache_dir, image_column="image", caption_columns=("c
         for i, row in enumerate(
             tqdm(part.select_columns(columns), desc=f"hf:{name} {split}: images", leave=False, disable=None)
         ):
-            encoded = None if id_column else hf_image_bytes(row[image_column])
-            key = f"id {row[id_column]}" if id_column else hashlib.sha256(encoded).hexdigest()
-            image_name = hashlib.sha256(key.encode()).hexdigest()[:20] + ".png"
-            if image_name not in names and not written:
-                with Image.open(io.BytesIO(encoded or hf_image_bytes(row[image_column]))) as im:
-                    _to_rgb(ImageOps.exif_transpose(im)).save(folder / image_name)
-            names.add(image_name)
+            try:
+                encoded = None if id_column else hf_image_bytes(row[image_column])
+                key = f"id {row[id_column]}" if id_column else hashlib.sha256(encoded).hexdigest()
+                file_name = hashlib.sha256(key.encode()).hexdigest()[:20] + ".png"
+                if file_name not in names and not written:
+                    with Image.open(io.BytesIO(encoded or hf_image_bytes(row[image_column]))) as im:
+                        _to_rgb(ImageOps.exif_transpose(im)).save(folder / file_name)
+            except (OSError, ValueError, SyntaxError, TypeError, KeyError) as e:  # no image, or not one
+                problems.append(f"hf:{name} {split}[{i}].{image_column}: not a readable image ({e!r})")
+                continue
+            names.add(file_name)
             for col in caption_columns:
                 values = row[col] if isinstance(row[col], list) else [row[col]]
-                rows += [(image_name, v, f"hf:{name} {split}[{i}].{col}") for v in values]
+                rows += [(file_name, v, f"hf:{name} {split}[{i}].{col}") for v in values]
         (folder / "done").write_text(grouped_by)
-        splits[rename.get(split, split)] = group_captions(folder, rows, problems)
+        splits[SPLIT_ALIASES.get(split, split)] = list(group_captions(folder, rows, problems).values())
     return splits
 
 
@@ -481,6 +531,9 @@ def load_splits(
         print(f"{len(problems)} problem(s) in the {source} data; --skip-bad leaves them out:\n{listing}")
     if set(splits) == {"all"}:
         splits = split_by_image(splits["all"], seed)
+    elif set(splits) == {"train"}:  # as many hub datasets are
+        splits = split_by_image(splits["train"], seed)
+        print(f"only a train split: {len(splits['val'])} val and {len(splits['test'])} test images drawn (seed {seed})")
     if "train" not in splits:
         raise DataError(f"the {source} data at {data_dir} has no train split (it has {', '.join(splits)})")
     if "val" not in splits:  # e.g. a Hugging Face dataset with train and test only

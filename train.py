@@ -327,6 +327,8 @@ def load_data(config, model, processor, use_feature_cache, rank, world, workers)
         good, bad = data.decode_check(splits[s])
         data.stop_or_skip(bad, strict)
         splits[s] = good
+    if not splits["train"]:
+        raise data.DataError(f"{config['data']} data at {config['data_dir']}: no training images left to train on")
     return splits, cached
 
 
@@ -833,7 +835,7 @@ def main(variant, argv=None, on_score=None):
     print(f"trained {summary['steps']} steps in {train_time:.0f}s ({summary['s_per_step']:.3f} s/step)")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if args.no_eval or "test" not in splits:
-        print(f"run directory: {run_dir}")
+        print(("" if args.no_eval else "no test split: not evaluated; ") + f"run directory: {run_dir}")
         return run_dir
     figures = evaluate_run(
         model,

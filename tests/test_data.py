@@ -787,3 +787,109 @@ def test_skip_bad_training_on_a_folder_with_bad_records_and_copies_trains(tmp_pa
     # training decodes train and val: both copies of the truncated picture are left out there
     decoded = where[data.file_digest(root / "cut.png")] <= {"train", "val"}
     assert printed.count("--skip-bad: left out") == 2 * decoded, printed
+
+
+# -----------------------------------------------------------------------------
+# files as other tools write them: names spelled differently, a byte-order mark, other split
+# names, entries with a field missing or of the wrong type, one unreadable hub image
+
+
+def caption_line(image, caption):
+    return json.dumps({"image": image, "caption": caption}) + "\n"
+
+
+def test_names_spelled_with_dot_slash_are_the_same_images(tmp_path):
+    """`find .` writes ./a.png: the caption file, splits.json and metadata.jsonl may each spell a
+    name either way, and a.png and ./a.png are one image with both captions."""
+    good = sorted(write_good_images(tmp_path))
+    lines = [caption_line(f"./{n}" if k % 2 else n, f"caption {k}") for k, n in enumerate(good)]
+    lines.append(caption_line(f"./{good[0]}", "another caption of the first"))
+    (tmp_path / "captions.jsonl").write_text("".join(lines))
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"image": f"./{good[1]}", "objects": ["x"]}) + "\n")
+    third = len(good) // 3
+    named = {"train": good[: 2 * third], "val": good[2 * third : -1], "test": good[-1:]}
+    (tmp_path / "splits.json").write_text(json.dumps({s: [f"./{n}" for n in ns] for s, ns in named.items()}))
+    splits = data.load_splits("folder", tmp_path)
+    assert {s: [r.image.name for r in rs] for s, rs in splits.items()} == named
+    first = splits["train"][0]
+    assert first.captions == ["caption 0", "another caption of the first"]
+    assert splits["train"][1].meta == {"image": f"./{good[1]}", "objects": ["x"]}
+
+
+@pytest.mark.parametrize("key", ["validation", "dev"])
+def test_a_splits_file_may_call_its_val_split_validation_or_dev(tmp_path, key, capsys):
+    good = sorted(write_good_images(tmp_path))
+    (tmp_path / "captions.jsonl").write_text("".join(caption_line(n, "a caption") for n in good))
+    named = {"train": good[:-2], key: good[-2:-1], "test": good[-1:]}
+    (tmp_path / "splits.json").write_text("\ufeff" + json.dumps(named))  # a byte-order mark too
+    splits = data.load_splits("folder", tmp_path)
+    assert set(splits) == {"train", "val", "test"}
+    assert [r.image.name for r in splits["val"]] == named[key]
+    assert "no val split" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("caption, kind", [(["a dog", "a brown dog"], "list"), (1984, "int")])
+def test_a_caption_that_is_not_a_string_is_named_as_such(tmp_path, caption, kind):
+    good = sorted(write_good_images(tmp_path))
+    rows = [{"image": n, "caption": "a caption"} for n in good] + [{"image": good[0], "caption": caption}]
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(data.DataError) as e:
+        data.load_splits("folder", tmp_path)
+    assert f"captions.jsonl:{len(rows)}: the caption of {good[0]} is a {kind}, expected a string" in str(e.value)
+
+
+def test_karpathy_entries_without_captions_or_in_an_unknown_split_are_named(tmp_path):
+    from corpora import write_karpathy
+
+    write_karpathy(tmp_path)
+    path = tmp_path / "dataset_flickr8k.json"
+    d = json.loads(path.read_text())
+    d["images"][0]["sentences"] = []
+    d["images"][1]["split"] = "extra"
+    del d["images"][2]["sentences"]
+    path.write_text("\ufeff" + json.dumps(d))  # and a byte-order mark, which is allowed
+    with pytest.raises(data.DataError) as e:
+        data.load_splits("karpathy", tmp_path)
+    message = str(e.value)
+    assert f"{path} images[0]: k000.jpg has no captions" in message
+    assert f"{path} images[1]: k001.jpg is in an unknown split 'extra'" in message
+    assert f"{path} images[2]: expected" in message and "sentences" in message
+    kept = all_records(data.load_splits("karpathy", tmp_path, strict=False))
+    assert len(kept) == len(d["images"]) - 3 and not {"k000.jpg", "k001.jpg", "k002.jpg"} & set(kept)
+
+
+def test_karpathy_json_that_is_not_json_is_named(tmp_path):
+    (tmp_path / "dataset_coco.json").write_text('{"images": [')
+    with pytest.raises(data.DataError, match=f"{tmp_path / 'dataset_coco.json'}: not valid JSON"):
+        data.load_splits("karpathy", tmp_path)
+
+
+def test_a_coco_image_without_a_caption_is_named(tmp_path):
+    write_coco(tmp_path)
+    path = tmp_path / "annotations" / "captions_val2017.json"
+    d = json.loads(path.read_text())
+    lonely = d["images"][0]
+    d["annotations"] = [a for a in d["annotations"] if a["image_id"] != lonely["id"]]
+    path.write_text("\ufeff" + json.dumps(d))
+    with pytest.raises(data.DataError) as e:
+        data.load_splits("coco", tmp_path)
+    assert f"{path}: {lonely['file_name']} (image id {lonely['id']}) has no caption" in str(e.value)
+    test = data.load_splits("coco", tmp_path, strict=False)["test"]
+    assert len(test) == len(d["images"]) - 1 and lonely["file_name"] not in {r.image.name for r in test}
+
+
+def test_an_unreadable_hub_image_is_named_and_left_out_with_skip_bad(tmp_path):
+    import datasets
+
+    images = [Image.new("RGB", (16, 16), (i * 20, 40, 90)) for i in range(11)]
+    columns = {"image": [*images, {"bytes": b"not an image", "path": None}], "caption": [f"c {i}" for i in range(12)]}
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    root = tmp_path / "hf"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(columns, features=features)}).save_to_disk(str(root))
+    with pytest.raises(data.DataError) as e:
+        data.load_splits(f"hf:{root}", root, cache_dir=tmp_path / "cache")
+    assert f"hf:{root} train[11].image: not a readable image" in str(e.value)
+    splits = data.load_splits(f"hf:{root}", root, strict=False, cache_dir=tmp_path / "cache")
+    # only a train split: val and test are drawn from it, not left out
+    assert sorted(len(s) for s in splits.values()) == [1, 1, 9]
+    assert sorted(c for s in splits.values() for r in s for c in r.captions) == sorted(f"c {i}" for i in range(11))

@@ -659,6 +659,12 @@ REFUSALS = {
         "/no/such/dir",
         False,
     ),
+    "no image left with --skip-bad": (
+        ["--vision", "{vision}", "--language", "{language}", "--data", "folder", "--data-dir", "{unreadable}"]
+        + ["--skip-bad", "--out", "{out}"],
+        "{unreadable}",
+        False,
+    ),
 }
 BAD_VALUES = {"explained": (["--batch-size", "0"], "--batch-size"), "self_attention": (["--lr", "-1"], "--lr")}
 
@@ -670,8 +676,15 @@ def training_refusals(vision_dir, language_dir, duocap_cache, tmp_path_factory):
     for variant, script in TRAIN_SCRIPTS.items():
         args, option = BAD_VALUES[variant]
         cases = {**REFUSALS, "bad option value": (args + ["--out", "{out}"], option, True)}
+        unreadable = tmp_path_factory.mktemp("unreadable-images")
+        for k in range(4):
+            (unreadable / f"{k}.png").write_text("this is text, not a PNG")
+        (unreadable / "captions.jsonl").write_text(
+            "".join(f'{{"image": "{k}.png", "caption": "a red circle"}}\n' for k in range(4))
+        )
         paths = dict(
             empty=tmp_path_factory.mktemp("not-a-run"),
+            unreadable=unreadable,
             vision=vision_dir,
             language=language_dir,
             out=tmp_path_factory.mktemp("refused") / "run",
