@@ -129,13 +129,22 @@ def per_run(results, key):
 def verdict(d, claim_sign, lower_is_better=False):
     """supported / contradicted / not shown, from where the interval of (arm - baseline) lies.
     claim_sign: +1 when the claim says the arm is better than the baseline, -1 when worse."""
+    if d.low is None:  # diverged runs have no loss: fewer than 2 left in an arm
+        return f"not shown (no interval: {d.seeds[0]} and {d.seeds[1]} runs with a value)"
+    if d.n_images is not None and d.n_images < stats.MIN_IMAGES:
+        return f"not shown (too few images: {d.n_images} < {stats.MIN_IMAGES})"
     if not d.excludes_zero:
-        return f"not shown (could have shown about {d.detectable:.3g})"
+        could = "" if d.detectable is None else f" (could have shown about {d.detectable:.3g})"
+        return "not shown" + could
     better = (d.diff < 0) if lower_is_better else (d.diff > 0)
     return "supported" if better == (claim_sign > 0) else "contradicted"
 
 
 def effect_cell(d):
+    if d.diff is None:
+        return "no value"
+    if d.low is None:
+        return f"{d.diff:+.3g} (no interval)"
     return f"{d.diff:+.3g} [{d.low:.3g}, {d.high:.3g}]"
 
 
@@ -249,6 +258,8 @@ def claim_one(results):
         summary = "not shown: " + (
             "not every regime has run" if len(fusion) < len(regimes) else "no regime effect detected"
         )
+    elif any(d.low is None for d in fusion):
+        summary = "not shown: a fusion difference has no interval (fewer than 2 runs with a value)"
     elif all(max(abs(d.low), abs(d.high)) < largest_method for d in fusion):
         summary = (
             f"supported: every fusion difference, to its interval's far end, is below the largest regime "

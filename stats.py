@@ -129,6 +129,8 @@ def paired_difference(a, b, confidence=0.95):
     var(per-seed means of a) / n_a, the same for b, and the image-by-variant variance over the
     number of images: the variance over images of the per-image mean difference less what the
     within-run noise puts there (each variant's two-way residual mean square over its seeds).
+    The degrees of freedom are Welch-Satterthwaite's, with the seed parts' taken as Hsu's
+    min(n_a, n_b) - 1 when the seed counts differ.
     A seed-level or image-level estimate that cannot be made (one seed, no images) gives no interval."""
     a, b = np.atleast_2d(floats(a)), np.atleast_2d(floats(b))
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
@@ -144,7 +146,12 @@ def paired_difference(a, b, confidence=0.95):
     diff = float(seed_means_a.mean() - seed_means_b.mean())
     if n_a < 2 or n_b < 2:
         return Difference(diff, None, None, n_images=n_images, seeds=(n_a, n_b))
-    parts = [(seed_means_a.var(ddof=1) / n_a, n_a - 1), (seed_means_b.var(ddof=1) / n_b, n_b - 1)]
+    seed_parts = [(seed_means_a.var(ddof=1) / n_a, n_a - 1), (seed_means_b.var(ddof=1) / n_b, n_b - 1)]
+    if n_a != n_b:
+        # Welch-Satterthwaite's df is liberal when one side has very few seeds (2 against 6 found
+        # a difference 8% of the time with none there): Hsu's min(n_a, n_b) - 1 holds the level
+        seed_parts = [(seed_parts[0][0] + seed_parts[1][0], min(n_a, n_b) - 1)]
+    parts = list(seed_parts)
     if n_images > 1:
         per_image = a.mean(0) - b.mean(0)
         noise = _residual_variance(a) / n_a + _residual_variance(b) / n_b

@@ -92,3 +92,21 @@ def test_the_report_gives_each_claim_its_interval_and_verdict(results):
     norm = by_experiment["cross-attention without the fusion LayerNorm"]
     assert norm[4].startswith("not shown (could have shown about")
     assert "not run yet" in by_experiment["self-attention without learned positions"][2]
+
+
+def test_an_arm_with_one_run_left_after_divergence_has_no_interval_and_no_verdict(results):
+    """At the high learning rate runs diverge and have no val loss: with one left the row says
+    so, instead of formatting an interval that cannot be made."""
+    rng = np.random.default_rng(1)
+    arm = [fake(0, 0.9, 0.5, rng), fake(1, float("nan"), 0.5, rng), fake(2, float("nan"), 0.5, rng)]
+    row = claims.stability_row(6, "without clipping", arm, results[claims.name("explained")])
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2].endswith("(no interval)") and cells[3] == "diverged 2/3 vs 0/3"
+    assert cells[4] == "not shown (no interval: 1 and 3 runs with a value)"
+
+
+def test_a_per_image_effect_on_too_few_images_is_not_shown():
+    """direction_both_ways is scored on the pair images only: a tight interval on 8 of them is
+    not a finding."""
+    d = stats.Difference(0.5, 0.05, 0.95, se=0.2, df=10, n_images=8, seeds=(3, 3))
+    assert claims.verdict(d, +1) == f"not shown (too few images: 8 < {stats.MIN_IMAGES})"

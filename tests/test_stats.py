@@ -32,20 +32,27 @@ def test_mean_interval_edge_cases():
 def test_without_an_image_component_the_interval_is_welchs_over_the_seed_means():
     """Scores x_k + s_i (seed i of a) and x_k + t_j (seed j of b): every image shows the same
     difference and nothing is left after the seed and image effects, so the image component is
-    zero and the interval is Welch's t over the per-seed means, with Welch-Satterthwaite's df."""
+    zero and the interval is Welch's t over the per-seed means: with Welch-Satterthwaite's df
+    for equal seed counts, Hsu's min(n_a, n_b) - 1 for unequal ones."""
     rng = np.random.default_rng(0)
     x = rng.random(200)
-    s, t = np.array([0.10, 0.16, 0.13]), np.array([0.02, 0.09, 0.03, 0.01])
+    s, t = np.array([0.10, 0.16, 0.13]), np.array([0.02, 0.09, 0.03])
     a, b = x + s[:, None], x + t[:, None]
     d = stats.paired_difference(a, b)
     welch = scipy.stats.ttest_ind(a.mean(1), b.mean(1), equal_var=False)
     low, high = welch.confidence_interval(0.95)
     assert d.diff == pytest.approx(s.mean() - t.mean())
     assert (d.low, d.high) == pytest.approx((low, high), abs=1e-9)
-    assert d.df == pytest.approx(welch.df) and (d.n_images, d.seeds) == (200, (3, 4))
+    assert d.df == pytest.approx(welch.df) and (d.n_images, d.seeds) == (200, (3, 3))
     # one value per run (a corpus metric, a cost): the same interval, and no image count
     r = stats.seed_difference(a.mean(1), b.mean(1))
     assert (r.low, r.high) == pytest.approx((low, high), abs=1e-9) and r.n_images is None
+    # a fourth seed of b: Welch's standard error, Hsu's df
+    t4 = np.array([0.02, 0.09, 0.03, 0.01])
+    u = stats.paired_difference(a, x + t4[:, None])
+    se = math.sqrt(s.var(ddof=1) / 3 + t4.var(ddof=1) / 4)
+    half = scipy.stats.t.ppf(0.975, 2) * se
+    assert (u.df, u.se) == (2, pytest.approx(se)) and u.high - u.low == pytest.approx(2 * half)
 
 
 def test_images_that_disagree_about_the_difference_widen_the_interval():
@@ -79,6 +86,15 @@ def test_with_no_true_difference_the_interval_excludes_zero_at_most_6_percent_of
     spread = a.mean(2).std(1, ddof=1).mean()
     assert 0.03 <= spread <= 0.05
     found = np.mean([stats.paired_difference(x, y).excludes_zero for x, y in zip(a, b)])
+    assert found <= 0.06, f"{found:.3f} of 1000 comparisons found a difference where there is none"
+
+
+@pytest.mark.parametrize("seeds_a, seeds_b", [(2, 6), (6, 2), (2, 10), (3, 10)])
+def test_with_unequal_seed_counts_the_level_still_holds(seeds_a, seeds_b):
+    """Runs that diverged and were left out make the counts unequal."""
+    rng = np.random.default_rng(seeds_a * 100 + seeds_b)
+    a, b = binary_runs(rng, 1000, max(seeds_a, seeds_b))
+    found = np.mean([stats.paired_difference(x[:seeds_a], y[:seeds_b]).excludes_zero for x, y in zip(a, b)])
     assert found <= 0.06, f"{found:.3f} of 1000 comparisons found a difference where there is none"
 
 
