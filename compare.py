@@ -27,6 +27,7 @@ loss_curves.png, samples.png and attention.png (seed 0's runs) in --out.
 """
 
 import argparse
+import functools
 import json
 import sys
 from dataclasses import dataclass
@@ -212,10 +213,22 @@ def variant_of(paths):
 
 
 def given_runs(first, second, equal_flops=None):
+    every = [Path(p).resolve() for p in (*first, *second, *(equal_flops or []))]
+    repeated = sorted({str(p) for p in every if every.count(p) > 1})
+    if repeated:
+        raise RunError(f"{', '.join(repeated)}: given more than once; each run is one seed")
     groups = {variant_of(paths): [Path(p) for p in paths] for paths in (first, second)}
     if len(groups) != 2:
         raise RunError("--runs and --vs must be runs of the two different variants")
-    return groups, ({variant_of(equal_flops): [Path(p) for p in equal_flops]} if equal_flops else {})
+    if not equal_flops:
+        return groups, {}
+    costlier = max(groups, key=lambda v: mean_flops(groups[v]))
+    if variant_of(equal_flops) != costlier:
+        raise RunError(
+            f"--equal-flops: runs of the costlier variant ({costlier}) at the other's FLOPs budget, "
+            f"not of {variant_of(equal_flops)}"
+        )
+    return groups, {costlier: [Path(p) for p in equal_flops]}
 
 
 def evaluated(run_dir, split):
@@ -270,9 +283,40 @@ def per_image(run_dir, split, key, category=None):
     return values
 
 
+@functools.cache
+def image_digest(path):
+    return data.file_digest(path)
+
+
+def image_orders(runs, split):
+    """{run: its predictions' indices in one order of their images}: by path when every run names
+    the same images, else by the images' contents (a copy of the data elsewhere, other names).
+    Runs scored on other images are refused: their values cannot be paired."""
+    paths = {r: [p["image"] for p in read_jsonl(r / f"predictions_{split}.jsonl")] for r in runs}
+    keys = paths
+    if len({tuple(sorted(p)) for p in paths.values()}) != 1:
+        try:
+            keys = {r: [image_digest(p) for p in ps] for r, ps in paths.items()}
+        except OSError as e:
+            raise RunError(f"the runs name different {split} images, and one is not readable here ({e})") from None
+    orders = {r: sorted(range(len(k)), key=k.__getitem__) for r, k in keys.items()}
+    if len({tuple(keys[r][i] for i in order) for r, order in orders.items()}) != 1:
+        raise RunError(f"the runs were scored on different {split} images: compare runs of one data set")
+    return orders
+
+
+def aligned(groups, split, key, category=None):
+    """{variant: [per-image values of each run]}, every run's values in one image order."""
+    orders = image_orders([r for runs in groups.values() for r in runs], split)
+    return {
+        v: [[values[i] for i in orders[r]] for r in runs for values in [per_image(r, split, key, category)]]
+        for v, runs in groups.items()
+    }
+
+
 def image_row(groups, split, key, category=None, name=None):
     """Each variant's mean over seeds and the difference, on the images every run has a value for."""
-    arrays = {v: stats.floats([per_image(r, split, key, category) for r in runs]) for v, runs in groups.items()}
+    arrays = {v: stats.floats(values) for v, values in aligned(groups, split, key, category).items()}
     keep = stats.common_images(arrays[ORDER[0]], arrays[ORDER[1]])
     means = {
         v: stats.mean_interval(x[:, keep].mean(1)) if keep.any() else (None, None, None) for v, x in arrays.items()

@@ -3,6 +3,7 @@ known outcomes, the test-set refusal, a whole comparison of trained runs, and re
 folder, missing data or a bad value in one line, before training or evaluating anything."""
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -346,3 +347,53 @@ def test_the_seed_0_runs_compare_trains_are_the_training_scripts_runs(monkeypatc
             got_variant, argv = trained[f"{variant}-seed{seed}"]
             assert got_variant == variant
             assert train.run_config(variant, train.parse_args(variant, argv)) == {**script, "seed": seed}
+
+
+def reorder_predictions(run, split, order):
+    path = run / f"predictions_{split}.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[i] for i in order))
+
+
+def test_runs_whose_predictions_list_the_images_in_another_order_are_paired_image_by_image(known_runs, tmp_path):
+    """A copy of the data whose splits.json lists the test images in another order: each image's
+    values still meet those of the same image in the other runs."""
+    groups, _, evals, _ = known_runs
+    copies = {v: [tmp_path / r.name for r in runs] for v, runs in groups.items()}
+    for runs, copied in zip(groups.values(), copies.values()):
+        for r, c in zip(runs, copied):
+            shutil.copytree(r, c)
+    n = len(compare.read_jsonl(copies["self_attention"][0] / "predictions_test.jsonl"))
+    reorder_predictions(copies["self_attention"][0], "test", list(reversed(range(n))))
+    copied_evals = {tmp_path / r.name: e for r, e in evals.items()}
+    before = {row.name: row for row in compare.table_rows(groups, evals, "test")}
+    after = {row.name: row for row in compare.table_rows(copies, copied_evals, "test")}
+    for key in ("objects", "direction", "direction_both_ways"):
+        b, a = before[key].diff, after[key].diff
+        assert (a.diff, a.low, a.high, a.n_images) == pytest.approx((b.diff, b.low, b.high, b.n_images)), key
+
+
+def test_runs_scored_on_other_images_are_refused(known_runs, tmp_path):
+    groups, _, evals, _ = known_runs
+    other = tmp_path / groups["self_attention"][0].name
+    shutil.copytree(groups["self_attention"][0], other)
+    path = other / "predictions_test.jsonl"
+    path.write_text(path.read_text().replace('"test-0.png"', '"elsewhere-0.png"'))
+    moved = {**groups, "self_attention": [other, *groups["self_attention"][1:]]}
+    with pytest.raises(RunError, match="different test images"):
+        compare.image_row(moved, "test", "objects")
+
+
+def test_a_run_given_twice_or_equal_flops_runs_of_the_cheaper_variant_are_refused(known_runs, tmp_path):
+    groups, equal, _, _ = known_runs
+    ca, sa = groups["explained"], groups["self_attention"]
+    with pytest.raises(RunError, match="given more than once"):
+        compare.given_runs([ca[0], ca[0], ca[1]], sa)
+    with pytest.raises(RunError, match="given more than once"):
+        compare.given_runs(ca, sa, equal_flops=sa)
+    cheaper = [shutil.copytree(r, tmp_path / r.name) for r in ca]
+    with pytest.raises(RunError, match="costlier variant \\(self_attention\\)"):
+        compare.given_runs(ca, sa, equal_flops=cheaper)
+    assert compare.given_runs(ca, sa, equal_flops=equal["self_attention"])[1] == {
+        "self_attention": equal["self_attention"]
+    }
