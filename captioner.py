@@ -20,6 +20,7 @@ import hashlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch.utils.checkpoint import checkpoint
 
@@ -175,7 +176,10 @@ class Captioner(nn.Module):
         return {n: t.detach().contiguous() for n, t in self.state_dict().items() if n in names}
 
     def load_trainable(self, path):
-        weights = load_file(str(path))
+        try:
+            weights = load_file(str(path))
+        except (SafetensorError, OSError) as e:  # truncated, empty, or not safetensors at all
+            raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
         expected = {n for n, p in self.named_parameters() if p.requires_grad}
         missing, unexpected = sorted(expected - weights.keys()), sorted(weights.keys() - expected)
         if missing or unexpected:

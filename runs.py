@@ -61,15 +61,23 @@ def read_config(run_dir):
         what = "no such folder" if not Path(run_dir).is_dir() else "no config.json in it"
         raise RunError(f"{run_dir}: not a run directory ({what}); training writes one")
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise RunError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict) or "variant" not in config:
+        raise RunError(
+            f'{path}: expected a run\'s config, a JSON object with "variant" and the options it was trained with'
+        )
+    return config
 
 
 def load_run(run_dir, variant=None):
     """(model, processor, tokenizer, config) from a run directory; the weights are trusted
     to be data only (safetensors), and a checkpoint of the other variant is refused."""
     config = read_config(run_dir)
+    missing = [k for k in ("vision", "language", "max_caption_tokens") if k not in config]
+    if missing:
+        raise RunError(f"{Path(run_dir) / 'config.json'}: no {', '.join(missing)}; training writes every option there")
     if variant is not None and config["variant"] != variant:
         raise RunError(f"{run_dir} holds a {config['variant']} checkpoint, not a {variant} one")
     weights = Path(run_dir) / "model.safetensors"

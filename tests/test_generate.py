@@ -131,3 +131,28 @@ def generate_refusals(duocap_cache, tmp_path_factory):
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_generate_refuses_a_bad_run_folder_or_a_bad_value_in_one_line(generate_refusals, case):
     assert_refused(*generate_refusals[case])
+
+
+def test_a_folder_gives_its_images_in_sub_and_symlinked_folders_once_and_no_hidden_files(tmp_path):
+    top = tmp_path / "top"
+    (top / "nested").mkdir(parents=True)
+    (top / "album.png").mkdir()  # a folder with an image's name
+    (top / ".git").mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for path in (top / "a.jpg", top / "nested" / "b.PNG", top / "c.jfif", elsewhere / "d.ppm", top / ".git" / "e.png"):
+        path.write_bytes(b"pixels")
+    for path in (top / ".hidden.png", top / "._a.jpg", top / "notes.txt"):
+        path.write_bytes(b"not for captioning")
+    (top / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (top / "nested" / "loop").symlink_to(top, target_is_directory=True)
+    files, errors, notes = generate.expand_paths([top])
+    assert sorted(f.relative_to(top).as_posix() for f in files) == ["a.jpg", "c.jfif", "linked/d.ppm", "nested/b.PNG"]
+    assert errors == [] and notes == [f"{top}: 1 file(s) without an image suffix left out"]
+
+
+@pytest.mark.parametrize("device", ["nonsense", "cuda:99"])
+def test_a_device_that_is_not_here_is_refused_in_one_line(device):
+    with pytest.raises(SystemExit) as e:
+        generate.main(["--checkpoint", "/no/such/run", "--device", device, "photo.png"])
+    assert str(e.value).startswith(f"error: --device {device}: ") and "\n" not in str(e.value)

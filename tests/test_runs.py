@@ -113,6 +113,32 @@ def test_missing_config_is_a_clear_error(tmp_path):
         load_run(tmp_path)
 
 
+@pytest.mark.parametrize("cut", [0, 100])
+def test_truncated_or_empty_weights_are_a_clear_error(saved_runs, tmp_path, cut):
+    _, _, run_dir = saved_runs["explained"]
+    (tmp_path / "config.json").write_text((run_dir / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes((run_dir / "model.safetensors").read_bytes()[:cut])
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        load_run(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "config, problem",
+    [
+        ([1, 2], "expected a run's config"),
+        ({"vision": "x"}, "expected a run's config"),
+        ({"variant": "explained"}, "no vision, language"),
+    ],
+)
+def test_a_config_that_is_not_a_runs_is_a_clear_error(saved_runs, tmp_path, config, problem):
+    _, _, run_dir = saved_runs["explained"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shutil.copy(run_dir / "model.safetensors", tmp_path / "model.safetensors")
+    with pytest.raises(RunError, match=problem) as e:
+        load_run(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value)
+
+
 def test_backbones_of_the_same_shape_but_other_weights_are_refused(saved_runs, tmp_path):
     """A checkpoint holds only trainable weights: a rebuilt backbone of the same shape must not pass silently."""
     from transformers import CLIPVisionModel
