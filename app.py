@@ -30,7 +30,7 @@ from typing import Annotated, Literal
 import torch
 import transformers
 import uvicorn
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -55,7 +55,7 @@ WEB = Path(__file__).resolve().parent / "web"  # the page: index.html and the fi
 class Decoding(BaseModel):
     """How to decode: form fields sent beside the image."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
     strategy: Literal["greedy", "top-k", "top-p", "beam"] = "greedy"
     temperature: float = Field(1.0, gt=0, description="top-k and top-p: divides the logits")
     top_k: int = Field(50, ge=1, description="top-k: sample among this many most likely tokens")
@@ -242,9 +242,18 @@ class RunWorker:
             try:
                 with COMPUTE:
                     results = self.caption(jobs)
-            except Exception as e:  # each waiting request gets the error; the worker carries on
-                for job in jobs:
-                    job.future.set_exception(e)
+            except Exception as e:  # the worker carries on; each request gets its own outcome
+                if len(jobs) == 1:
+                    jobs[0].future.set_exception(e)
+                    continue
+                for job in jobs:  # one request's image may be what failed: the others on their own
+                    try:
+                        with COMPUTE:
+                            (result,) = self.caption([job])
+                    except Exception as e:
+                        job.future.set_exception(e)
+                    else:
+                        job.future.set_result(result)
             else:
                 for job, result in zip(jobs, results):
                     job.future.set_result(result)
@@ -325,6 +334,8 @@ def example_records(workers, per_source=6):
 
 
 def create_app(workers, max_upload_mb=10.0, max_pixels=40_000_000, examples=()):
+    # open_upload checks max_pixels itself; Pillow's own bomb limit must not cap a larger one
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, max_pixels)
     app = FastAPI(title="duocap", summary="Caption an image with every loaded run, side by side.", description=__doc__)
     app.add_middleware(UploadLimit, max_bytes=int(max_upload_mb * MB))
     examples = list(examples)
@@ -377,10 +388,18 @@ def create_app(workers, max_upload_mb=10.0, max_pixels=40_000_000, examples=()):
         },
     )
     async def caption(
+        request: Request,
         image: Annotated[UploadFile, File(description="the image: PNG, JPEG, WebP, ...")],
         decoding: Annotated[Decoding, Form()],
     ):
         """Every run's caption of the image, its tokens, where it looked for each, and how long it took."""
+        # a misspelt field (beam for beams) would otherwise leave its default in place unsaid;
+        # Decoding cannot forbid extra fields itself, since the image is a field of the same form
+        unknown = sorted(set((await request.form()).keys()) - {"image", *Decoding.model_fields})
+        if unknown:
+            raise HTTPException(
+                422, f"unknown field(s) {', '.join(unknown)}; the fields are image, {', '.join(Decoding.model_fields)}"
+            )
         picture = await run_in_threadpool(open_upload, await image.read(), image.filename or "upload", max_pixels)
         captions = await asyncio.gather(*(asyncio.wrap_future(w.submit(picture, decoding)) for w in workers))
         return CaptionResponse(width=picture.width, height=picture.height, decoding=decoding, captions=captions)

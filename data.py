@@ -69,8 +69,10 @@ def _to_rgb(im):
     """RGB from any mode: alpha composited on white, 16/32-bit grey scaled down, CMYK converted."""
     if im.mode in ("I", "F") or im.mode.startswith("I;16"):
         a = np.asarray(im, dtype=np.float64)
-        # 16-bit modes say their range; plain 32-bit ones do not, so judge by the values
+        # 16-bit modes say their range; plain 32-bit ones do not, so judge by the values (a float
+        # image of values up to 1 is in [0, 1])
         top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        top = 1.0 if im.mode == "F" and a.max() <= 1 else top
         im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     if im.mode in ("P", "LA", "PA", "La"):
         im = im.convert("RGBA")
@@ -80,12 +82,26 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
+# CLIP's processor scales the short side up to 224: a 4,000,000 x 1 strip (12 KB as a PNG) would
+# need a 49 GB array. Panoramas stay well inside this.
+MAX_ASPECT = 100
+
+
+def too_thin(width, height):
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        return f"{width} x {height} pixels: more than {MAX_ASPECT} times as long as it is wide, too thin to caption"
+    return None
+
+
 def read_image(path):
     """RGB image with its EXIF orientation applied; a DataError naming the file if unreadable."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                problem = too_thin(*im.size)
+                if problem:
+                    raise DataError(f"{path}: {problem}")
                 return _to_rgb(ImageOps.exif_transpose(im))
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
@@ -114,7 +130,7 @@ def check_image(path):
         return f"not a readable image ({e})"
     if w * h <= 1:
         return f"{w}x{h} pixels: too small to caption"
-    return None
+    return too_thin(w, h)
 
 
 def text_lines(path, problems):

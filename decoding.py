@@ -8,6 +8,7 @@ evaluation, the app, the benchmarks) only need this module and a loaded run.
 """
 
 import argparse
+import math
 import time
 
 import torch
@@ -200,8 +201,8 @@ def unit_interval(text):
 
 def positive_float(text):
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, not {value}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {value}")
     return value
 
 

@@ -21,6 +21,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
+from corpora import png_header_only
+from fastapi import HTTPException
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -172,12 +174,21 @@ def test_sampling_and_beams_caption_too(client, test_image):
         ("max_new_tokens", "101"),
         ("strategy", "nucleus"),
         ("top_k", "many"),
+        ("temperature", "inf"),
+        ("top_p", "nan"),
     ],
 )
 def test_out_of_range_decoding_gets_422_naming_the_field(client, test_image, field, value):
     r = post(client, test_image[0], **{field: value})
     assert r.status_code == 422, r.text
     assert [e["loc"][-1] for e in r.json()["detail"]] == [field]
+    assert_still_serving(client, test_image)
+
+
+def test_a_field_the_api_does_not_have_gets_422_naming_it(client, test_image):
+    r = post(client, test_image[0], strategy="beam", beam="3")  # beams, misspelt
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith("unknown field(s) beam; the fields are image, strategy")
     assert_still_serving(client, test_image)
 
 
@@ -211,19 +222,21 @@ def test_a_streamed_upload_is_stopped_past_the_limit(client, test_image):
     assert_still_serving(client, test_image)
 
 
-@pytest.mark.parametrize("problem", ["not an image", "truncated", "too many pixels", "empty"])
+@pytest.mark.parametrize("problem", ["not an image", "truncated", "too many pixels", "too thin", "empty"])
 def test_a_bad_image_gets_400_naming_the_problem(client, test_image, problem):
     raw = {
         "not an image": b"caption this, please",
         "truncated": test_image[0][: len(test_image[0]) // 2],
         # 4 megapixels of one colour compress to a few kilobytes: small upload, large decode
         "too many pixels": png(Image.new("L", (2000, 2000))),
+        "too thin": png(Image.new("L", (5000, 10))),  # small, but 112,000 pixels wide once resized
         "empty": b"",
     }[problem]
     expected = {
         "not an image": "not an image file",
         "truncated": "truncated",
         "too many pixels": "over the limit of 1,000,000",
+        "too thin": "5000 x 10 pixels: more than 100 times as long as it is wide",
         "empty": "empty",
     }[problem]
     r = post(client, raw, name="upload.png")
@@ -242,6 +255,40 @@ def test_a_failure_in_a_worker_is_a_500_and_the_worker_carries_on(client, worker
     assert "out of memory, say" in r.json()["detail"]
     monkeypatch.undo()
     assert_still_serving(client, test_image)
+
+
+def test_a_request_that_fails_in_a_batch_fails_alone(runs, splits, monkeypatch):
+    """One image the model cannot caption (out of memory, say) in a batch of four: the other
+    three still get their captions."""
+    worker = app.RunWorker(runs[0], batch_size=4, max_wait_s=0.5)
+    images = [data.read_image(r.image) for r in splits["test"][:4]]
+    caption, batches = worker.caption, []
+
+    def fails_on_the_second(jobs):
+        batches.append(len(jobs))
+        if any(job.image is images[1] for job in jobs):
+            raise RuntimeError("out of memory, say")
+        return caption(jobs)
+
+    monkeypatch.setattr(worker, "caption", fails_on_the_second)
+    futures = [worker.submit(im, app.Decoding()) for im in images]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        futures[1].result(timeout=60)
+    alone = [
+        caption_images(worker.model, worker.processor, worker.tokenizer, [im], strategy="greedy")[0] for im in images
+    ]
+    assert [futures[k].result(timeout=60).caption for k in (0, 2, 3)] == [alone[k] for k in (0, 2, 3)]
+    assert batches[0] == 4, "the four were tried as one batch first"
+
+
+def test_a_pixel_limit_above_pillows_own_is_the_one_that_holds(workers, monkeypatch):
+    """--max-pixels 100,000,000: a 9,500 x 9,500 header (90 M pixels, past Pillow's default bomb
+    limit of 89 M) is read as an image, not refused as a bomb; its missing body is what fails."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored afterwards
+    app.create_app(workers, max_pixels=100_000_000)
+    with pytest.raises(HTTPException) as e:
+        app.open_upload(png_header_only(9500, 9500), "big.png", 100_000_000)
+    assert e.value.status_code == 400 and "decompression bomb" not in e.value.detail, e.value.detail
 
 
 def test_test_images_are_served_by_index_only(client, workers, splits):

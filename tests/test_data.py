@@ -443,6 +443,23 @@ def test_grayscale_becomes_grey_rgb(tmp_path):
     assert out.mode == "RGB" and out.getpixel((3, 3)) == (77, 77, 77)
 
 
+@pytest.mark.parametrize("value, expected", [(0.5, 128), (1.0, 255), (200.0, 200)])
+def test_a_float_image_of_values_up_to_1_is_read_on_that_range(tmp_path, value, expected):
+    out = data.read_image(saved(Image.new("F", (8, 8), value), tmp_path / "float.tif"))
+    assert out.getpixel((3, 3)) == (expected,) * 3
+
+
+@pytest.mark.parametrize("size", [(5000, 10), (10, 5000)])
+def test_an_image_far_longer_than_wide_is_refused_before_it_is_decoded(tmp_path, size):
+    """CLIP scales the short side up to 224: 5000 x 10 would become 112,000 x 224 first."""
+    path = saved(Image.new("L", size), tmp_path / "strip.png")
+    problem = f"{size[0]} x {size[1]} pixels: more than 100 times as long as it is wide"
+    assert data.check_image(path).startswith(problem)
+    with pytest.raises(data.DataError, match=problem):
+        data.read_image(path)
+    assert data.check_image(saved(Image.new("L", (1000, 10)), tmp_path / "panorama.png")) is None
+
+
 def test_palette_with_transparency_is_composited_on_white(tmp_path):
     image = Image.new("P", (8, 8), 0)
     image.putpalette([0, 0, 0, 200, 20, 20] + [0] * 762)

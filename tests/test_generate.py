@@ -120,6 +120,7 @@ REFUSALS = {
     "folder that is not a run": (["--checkpoint", "{empty}", "img.png"], "{empty}", False),
     "top-p above 1": (["--checkpoint", "/no/such/run", "--top-p", "2", "img.png"], "--top-p", True),
     "temperature 0": (["--checkpoint", "/no/such/run", "--temperature", "0", "img.png"], "--temperature", True),
+    "temperature inf": (["--checkpoint", "/no/such/run", "--temperature", "inf", "img.png"], "--temperature", True),
 }
 
 
