@@ -367,6 +367,46 @@ MUTATIONS = [
         'train_or_reuse(v, out / f"{v}-seed{k}", ["--seed", str(k + 1), *budget])',
         ("tests/test_compare.py", "-k", "seed_0_runs"),
     ),
+    Mutation(
+        "unequal-seeds-welch-df",
+        "with unequal seed counts the seed parts keep Welch-Satterthwaite's df, which is liberal at 2 vs many",
+        "stats.py",
+        "    if n_a != n_b:\n",
+        "    if False:\n",
+        ("tests/test_stats.py", "-k", "unequal_seed_counts or welchs_over_the_seed_means"),
+    ),
+    Mutation(
+        "compare-pairs-by-position",
+        "per-image values are paired by their position in each run's predictions, not by image",
+        "compare.py",
+        "    orders = {r: sorted(range(len(k)), key=k.__getitem__) for r, k in keys.items()}",
+        "    orders = {r: list(range(len(k))) for r, k in keys.items()}",
+        ("tests/test_compare.py", "-k", "another_order or other_images"),
+    ),
+    Mutation(
+        "thin-image-decoded",
+        "an image far longer than wide is decoded (and resized to gigabytes) instead of refused",
+        "data.py",
+        "    if max(width, height) > MAX_ASPECT * min(width, height):",
+        "    if False:",
+        ("tests/test_data.py", "-k", "far_longer_than_wide"),
+    ),
+    Mutation(
+        "app-batch-fails-together",
+        "one request that fails in a batch fails every request batched with it",
+        "app.py",
+        "                if len(jobs) == 1:",
+        "                if True:",
+        ("tests/test_app.py", "-k", "fails_alone"),
+    ),
+    Mutation(
+        "dot-slash-names-differ",
+        "./a.png and a.png are two names: a splits.json written by find(1) selects no image",
+        "data.py",
+        "    return posixpath.normpath(name) if isinstance(name, str) else name",
+        "    return name",
+        ("tests/test_data.py", "-k", "dot_slash"),
+    ),
 ]
 
 
