@@ -31,7 +31,8 @@ class CrossAttention(nn.Module):
 
     def __init__(self, hidden_size, n_heads, sharp="off"):
         super().__init__()
-        assert hidden_size % n_heads == 0, f"hidden size {hidden_size} does not split into {n_heads} heads"
+        if hidden_size % n_heads:
+            raise ValueError(f"--heads {n_heads}: the hidden size {hidden_size} does not split into {n_heads} heads")
         self.n_heads = n_heads
         self.q = nn.Linear(hidden_size, hidden_size)
         self.k = nn.Linear(hidden_size, hidden_size)

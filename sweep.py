@@ -188,10 +188,24 @@ def search_space(args, passthrough):
     space = dict(parse_param(args.variant, f"{k}={v}", names) for k, v in SPACE.items())
     space |= dict(parse_param(args.variant, text, names) for text in args.param)
     given = training_options(args.variant, passthrough)  # a bad training option is refused now, not in a trial
-    clash = [n for n in (*space, *RESERVED[:3], "epochs") if getattr(given, n) != getattr(plain, n)]
+    clash = [n for n in (*RESERVED[:3], "epochs") if getattr(given, n) != getattr(plain, n)]
+    clash += [n for n, spec in space.items() if overrides(args.variant, passthrough, n, spec)]
     if clash:
         raise SystemExit(f"error: {', '.join(clash)}: set by the sweep, not a training option to pass through")
     return space
+
+
+def overrides(variant, passthrough, name, spec):
+    """Whether the passed-through options set a searched one, which would then beat every trial's
+    value (the command line wins over --config), at its default value too."""
+    values = spec[1] if spec[0] == "cat" else spec[1:3]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "values.json"
+        for value in values:
+            path.write_text(json.dumps({name: value}))
+            if getattr(training_options(variant, ["--config", str(path), *passthrough]), name) != value:
+                return True
+    return False
 
 
 def suggest(trial, name, spec):
@@ -296,6 +310,35 @@ def open_study(args, log):
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
         reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
         raise SystemExit(f"error: --storage {shown}: cannot open the study: {reason}") from None
+
+
+def distribution(spec):
+    kind, *rest = spec
+    if kind == "cat":
+        return optuna.distributions.CategoricalDistribution(rest[0])
+    low, high, log = rest
+    cls = optuna.distributions.FloatDistribution if kind == "float" else optuna.distributions.IntDistribution
+    return cls(low, high, log=log)
+
+
+def check_study(study, args, space):
+    """A study holds one variant's trials over one search space: going on with another variant, or
+    with a space changed under the finished trials, is refused before any trial runs."""
+    variant = study.user_attrs.get("variant")
+    if variant is None:
+        study.set_user_attr("variant", args.variant)
+    elif variant != args.variant:
+        raise SystemExit(
+            f"error: study {args.study_name} is a sweep of {variant}, not {args.variant}; give another --study-name"
+        )
+    wanted = {name: distribution(spec) for name, spec in space.items()}
+    for t in study.get_trials(deepcopy=False, states=FINISHED):
+        changed = sorted(n for n in wanted.keys() | t.distributions.keys() if wanted.get(n) != t.distributions.get(n))
+        if changed:
+            raise SystemExit(
+                f"error: study {args.study_name}: trial {t.number} searched {', '.join(changed)} over another space "
+                f"than this --param gives; give another --study-name (or the same --param as before)"
+            )
 
 
 def counts(study):
@@ -448,7 +491,7 @@ def finish(study, args, passthrough, log):
         return
     best = study.best_trial
     write_whole(args.out / "best.json", lambda p: p.write_text(json.dumps(best.params, indent=2) + "\n"))
-    budget = without(passthrough, ("--epochs", "--max-steps", "--max-flops"))
+    budget = without(passthrough, ("--epochs", "--max-steps", "--max-flops", "--seed", "--out"))
     command = (
         f"for seed in 0 1 2; do python {SCRIPTS[args.variant]} --config {args.out / 'best.json'} --seed $seed "
         f"--out {args.out / 'best-seed'}$seed {shlex.join(budget)}; done"
@@ -467,6 +510,7 @@ def main(argv=None):
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # sweep.log has a line per trial
     log = Log(args.out / "sweep.log")
     study = open_study(args, log)
+    check_study(study, args, space)
     deadline = time.time() + (args.timeout or math.inf)
     log(f"worker {WORKER}: study {args.study_name}, {args.n_trials} trials wanted")
     done, _ = counts(study)

@@ -72,7 +72,7 @@ def swept(tiny_args, tmp_path_factory):
         study.enqueue_trial({"lr": lr, "warmup": 0.0})  # no warmup: a one-step run's only step has the full lr
     argv = ["--variant", "explained", "--n-trials", 4, "--out", out, "--param", "lr=float:1e-4:10:log"]
     argv += ["--param", "train_layers=int:1:2", "--param", "heads=cat:2,4"]
-    stdout = sweep_here([*argv, "--", *tiny_args, *TINY, "--max-steps", 1, "--score-every", 1])
+    stdout = sweep_here([*argv, "--", *tiny_args, *TINY, "--max-steps", 1, "--score-every", 1, "--seed", 0])
     return out, stdout
 
 
@@ -104,7 +104,9 @@ def test_best_json_trains_both_numbered_scripts_through_config(swept, tiny_args,
     study = optuna.load_study(study_name="duocap-explained", storage=sqlite(out))
     assert best == study.best_params and set(best) == {"lr", "warmup", "weight_decay", "train_layers", "heads"}
     assert f"--config {out / 'best.json'}" in stdout and "08_train_explained.py" in stdout
-    assert "--max-steps" not in stdout.split("retrain it")[-1], "the retrain command is at the full budget"
+    retrain = stdout.split("retrain it")[-1]
+    assert "--max-steps" not in retrain, "the retrain command is at the full budget"
+    assert retrain.count("--seed") == 1 and "--seed $seed" in retrain, "the trials' own --seed is not in it"
     for variant in VARIANTS:
         run = tmp_path / variant
         args = [TRAIN_SCRIPTS[variant], *tiny_args, *TINY, "--config", out / "best.json", "--max-steps", 1]
@@ -220,6 +222,15 @@ REFUSALS = {
     "unknown option name": (["--param", "no_such_option=int:1:2"], "no_such_option"),
     "bad option value": (["--param", "heads=int:0:4"], "heads"),
     "searched and passed": (["--", "--lr", "0.1"], "lr"),
+    "searched and passed at its default": (
+        ["--param", "train_layers=int:0:4", "--", "--train-layers", "2"],
+        "train_layers",
+    ),
+    "another variant's study": (
+        ["--variant", "self_attention", "--out", "{earlier}", "--study-name", "mine"],
+        "explained",
+    ),
+    "another search space": (["--out", "{earlier}", "--study-name", "mine", "--param", "heads=cat:2,4"], "heads"),
     "bad training option": (["--", "--batch-size", "0"], "--batch-size"),
 }
 
@@ -232,7 +243,17 @@ def sweep_refusals(duocap_cache, tmp_path_factory):
         for case, (args, named) in REFUSALS.items()
     }
     url = f"postgresql+psycopg2://postgres@127.0.0.1:{free_port()}/optuna"
-    return start_refusals("sweep.py", cases, duocap_cache, out=out, url=url)
+    # a study of cross-attention over the default space, with one finished trial
+    earlier = tmp_path_factory.mktemp("sweep-earlier")
+    study = optuna.create_study(storage=f"sqlite:///{earlier / 'study.db'}", study_name="mine")
+    study.set_user_attr("variant", "explained")
+    space = {
+        name: sweep.distribution(sweep.parse_param("explained", f"{name}={spec}", {name})[1])
+        for name, spec in sweep.SPACE.items()
+    }
+    params = {name: d.low if hasattr(d, "low") else d.choices[0] for name, d in space.items()}
+    study.add_trial(optuna.trial.create_trial(params=params, distributions=space, value=0.5))
+    return start_refusals("sweep.py", cases, duocap_cache, out=out, url=url, earlier=earlier)
 
 
 @pytest.mark.parametrize("case", REFUSALS)

@@ -791,3 +791,9 @@ def test_a_config_file_sets_options_the_command_line_overrides_and_bad_ones_are_
         assert e.value.code == 2
         message = capsys.readouterr().err
         assert str(bad) in message and named in message, message
+
+
+def test_cross_attention_heads_that_do_not_split_the_width_are_refused_in_one_line(tiny_args, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main("explained", [*tiny_args, "--heads", "7", "--out", str(tmp_path / "run")])
+    assert str(e.value).startswith("error: --heads 7: the hidden size") and "\n" not in str(e.value)
