@@ -175,9 +175,9 @@ MUTATIONS = [
         "truncated-image",
         "a truncated image file decodes (the missing rows filled in) instead of being an error",
         "data.py",
-        "            with Image.open(path) as im:\n                return _to_rgb(",
+        "            with Image.open(path) as im:\n                problem = too_thin(",
         "            __import__('PIL.ImageFile').ImageFile.LOAD_TRUNCATED_IMAGES = True\n"
-        "            with Image.open(path) as im:\n                return _to_rgb(",
+        "            with Image.open(path) as im:\n                problem = too_thin(",
         ("tests/test_data.py", "tests/test_features.py", "-k", "truncated"),
     ),
     Mutation(
@@ -258,9 +258,9 @@ MUTATIONS = [
         "interval-pooled",
         "the seed part of a difference's interval pools the two variants' variances instead of Welch's",
         "stats.py",
-        "    parts = [(seed_means_a.var(ddof=1) / n_a, n_a - 1), (seed_means_b.var(ddof=1) / n_b, n_b - 1)]",
+        "    seed_parts = [(seed_means_a.var(ddof=1) / n_a, n_a - 1), (seed_means_b.var(ddof=1) / n_b, n_b - 1)]",
         "    pooled = ((n_a - 1) * seed_means_a.var(ddof=1) + (n_b - 1) * seed_means_b.var(ddof=1)) / (n_a + n_b - 2)\n"
-        "    parts = [(pooled * (1 / n_a + 1 / n_b), n_a + n_b - 2)]",
+        "    seed_parts = [(pooled * (1 / n_a + 1 / n_b), n_a + n_b - 2)]",
         ("tests/test_stats.py", "-k", "welchs_over_the_seed_means"),
     ),
     Mutation(
