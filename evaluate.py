@@ -217,6 +217,8 @@ def evaluate_split(model, processor, tokenizer, records, device="cpu", batch_siz
     records, bad = data.decode_check(records)
     for message in bad:
         print(f"left out of the evaluation: {message}")
+    if not records:
+        raise data.DataError(f"no image to evaluate ({len(bad)} left out as unreadable)")
     images = [r.image for r in records]  # decoded a batch at a time: a whole split may not fit in memory
     stats = {}
     captions = decoding.caption_images(
@@ -256,20 +258,21 @@ def evaluate_split(model, processor, tokenizer, records, device="cpu", batch_siz
 
 
 def evaluate_run(model, processor, tokenizer, splits, run_dir, split="test", device="cpu", out=None, **decode_kwargs):
-    """Write eval_<split>.json (with the compositional split nested, when there is one)
-    and predictions_<split>.jsonl; returns the figures."""
-    run_dir = Path(run_dir)
+    """Write eval_<split>.json (or `out`) with the compositional split nested, when there is one,
+    and predictions_<split>.jsonl beside it; returns the figures. With `out` the run's own
+    files are left as they are: its predictions stay those of its own evaluation."""
+    where = Path(out).parent if out else Path(run_dir)
     model.eval()
     figures, predictions = evaluate_split(model, processor, tokenizer, splits[split], device, **decode_kwargs)
     figures = {"split": split, "split_id": data.split_id(splits[split]), **figures}
-    data.write_jsonl(run_dir / f"predictions_{split}.jsonl", predictions)
-    if split == "test" and "compositional" in splits:
+    data.write_jsonl(where / f"predictions_{split}.jsonl", predictions)
+    if split == "test" and splits.get("compositional"):
         comp, comp_predictions = evaluate_split(
             model, processor, tokenizer, splits["compositional"], device, **decode_kwargs
         )
         figures["compositional"] = comp
-        data.write_jsonl(run_dir / "predictions_compositional.jsonl", comp_predictions)
-    Path(out or run_dir / f"eval_{split}.json").write_text(json.dumps(figures, indent=2))
+        data.write_jsonl(where / "predictions_compositional.jsonl", comp_predictions)
+    Path(out or where / f"eval_{split}.json").write_text(json.dumps(figures, indent=2))
     return figures
 
 
@@ -279,8 +282,13 @@ def main(argv=None):
     p.add_argument("--split", default="test")
     decoding.add_options(p)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--out", help="where to write the JSON (default RUN_DIR/eval_<split>.json)")
+    p.add_argument(
+        "--out",
+        help="where to write the JSON, the predictions going beside it (default RUN_DIR/eval_<split>.json)",
+    )
     args = p.parse_args(argv)
+    if args.out and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):
+        raise SystemExit(f"error: --out {args.out}: expected a file name in an existing folder")
     if not sys.stderr.isatty():  # a log wants lines, not progress-bar refreshes: an error stays one line
         transformers.utils.logging.disable_progress_bar()
     try:
@@ -288,20 +296,24 @@ def main(argv=None):
         splits = data.splits_for(config, strict=False)
     except (ValueError, OSError) as e:  # a bad run folder or missing data: one line, no traceback
         raise SystemExit(f"error: {e}") from None
-    if args.split not in splits:
-        raise SystemExit(f"error: {config['data_dir']} has no split {args.split!r} (it has {', '.join(splits)})")
+    if not splits.get(args.split):
+        what = "no split" if args.split not in splits else "no image in its split"
+        raise SystemExit(f"error: {config['data_dir']} has {what} {args.split!r} (it has {', '.join(splits)})")
     model.to(args.device)
-    figures = evaluate_run(
-        model,
-        processor,
-        tokenizer,
-        splits,
-        args.checkpoint,
-        args.split,
-        args.device,
-        args.out,
-        **decoding.options(args, config),
-    )
+    try:
+        figures = evaluate_run(
+            model,
+            processor,
+            tokenizer,
+            splits,
+            args.checkpoint,
+            args.split,
+            args.device,
+            args.out,
+            **decoding.options(args, config),
+        )
+    except data.DataError as e:
+        raise SystemExit(f"error: {config['data_dir']} split {args.split!r}: {e}") from None
     print(json.dumps(figures, indent=2))
 
 

@@ -834,7 +834,7 @@ def main(variant, argv=None, on_score=None):
     summary = training.summary(trainable, total, train_time)
     print(f"trained {summary['steps']} steps in {train_time:.0f}s ({summary['s_per_step']:.3f} s/step)")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if args.no_eval or "test" not in splits:
+    if args.no_eval or not splits.get("test"):
         print(("" if args.no_eval else "no test split: not evaluated; ") + f"run directory: {run_dir}")
         return run_dir
     figures = evaluate_run(

@@ -362,6 +362,7 @@ REFUSALS = {
     "folder that is not a run": (["--checkpoint", "{empty}"], "{empty}", False),
     "missing data folder": (["--checkpoint", "{no_data}"], "/no/such/dir", False),
     "no beams": (["--checkpoint", "/no/such/run", "--beams", "0"], "--beams", True),
+    "--out in no folder": (["--checkpoint", "/no/such/run", "--out", "/no/such/dir/eval.json"], "/no/such/dir", False),
 }
 
 
@@ -418,3 +419,21 @@ def test_attention_selectivity_on_the_named_object_both_objects_and_the_backgrou
     assert summary["selectivity_if_equal"] == pytest.approx(equal)
     assert summary["on_other_object"] == pytest.approx(np.mean([0, both["other"], 0]))
     assert summary["object_area"] == pytest.approx(named.mean())
+
+
+def test_with_out_the_predictions_go_beside_it_and_the_run_is_left_as_it_was(make_model, splits, tmp_path):
+    model, processor, tokenizer, _ = make_model("explained")
+    small = {"test": splits["test"][:4]}
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    run.mkdir(), elsewhere.mkdir()
+    evaluate.evaluate_run(
+        model, processor, tokenizer, small, run, "test", out=elsewhere / "beam.json", metrics=False, max_new_tokens=4
+    )
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["beam.json", "predictions_test.jsonl"]
+    assert list(run.iterdir()) == []
+
+
+def test_a_split_with_no_image_to_evaluate_is_a_data_error(make_model, splits, tmp_path):
+    model, processor, tokenizer, _ = make_model("explained")
+    with pytest.raises(data.DataError, match="no image to evaluate"):
+        evaluate.evaluate_split(model, processor, tokenizer, [], metrics=False)
