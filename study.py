@@ -140,13 +140,31 @@ def record(name, variant, options, seed, run, wall_s=None):
     for key in ("data_dir", "vision", "language", "config_file"):  # machine-specific paths
         result["config"].pop(key, None)
     STUDY.mkdir(parents=True, exist_ok=True)
-    result_path(name, seed).write_text(json.dumps(result) + "\n")
+    path = result_path(name, seed)  # written whole and renamed: an interrupted write leaves no half file
+    path.with_suffix(".tmp").write_text(json.dumps(result) + "\n")
+    path.with_suffix(".tmp").replace(path)
+    return result
+
+
+RESULT_KEYS = ("name", "variant", "seed", "split_id", "summary", "figures", "test")
+
+
+def read_result(path):
+    """A committed result, checked: one that is not JSON, or lacks what the reports read (a result
+    of an older version), is refused in one line rather than read in part or counted as done."""
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {path}: not a readable result ({e}); delete it to run that run again") from None
+    missing = [k for k in RESULT_KEYS if not isinstance(result, dict) or k not in result]
+    if missing:
+        raise SystemExit(f"error: {path}: no {', '.join(missing)} (an older result?); delete it to run that run again")
     return result
 
 
 def run_grid(grid, seeds, only, log):
     selected = [(n, v, o, s) for s in range(seeds) for n, v, o in grid if (not only or n in only)]
-    todo = [t for t in selected if not result_path(t[0], t[3]).is_file()]
+    todo = [t for t in selected if not (result_path(t[0], t[3]).is_file() and read_result(result_path(t[0], t[3])))]
     print(f"{len(todo)} runs to do ({len(selected) - len(todo)} done before)")
     for name, variant, options, seed in tqdm(todo, desc="study", unit="run", disable=None):
         t0 = time.time()
@@ -165,10 +183,16 @@ def run_grid(grid, seeds, only, log):
 
 
 def committed(grid):
-    out = {}
+    """{configuration: [its results by seed]}, every one scored on one test set."""
+    out, split_of = {}, {}
     for name, _, _ in grid:
         found = sorted(STUDY.glob(f"{name}-seed*.json"), key=lambda p: int(p.stem.rsplit("seed", 1)[1]))
-        out[name] = [json.loads(p.read_text()) for p in found]
+        out[name] = [read_result(p) for p in found]
+        split_of |= {p: r["split_id"] for p, r in zip(found, out[name])}
+    if len(set(split_of.values())) > 1:
+        first = next(iter(split_of.values()))
+        other = next(p for p, s in split_of.items() if s != first)
+        raise SystemExit(f"error: {other}: scored on another test set ({split_of[other]}) than the rest ({first})")
     return out
 
 

@@ -2,6 +2,7 @@
 results alone, with the figures and the difference against the default they hold."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ def fake_result(name, variant, options, seed, both_ways, rng):
         "variant": variant,
         "options": options,
         "seed": seed,
+        "split_id": "test-set-1",
         "summary": {"train_flops": 7e12},
         "figures": {k: float(np.mean(columns[k])) for k in study.FIGURES},
         "test": columns,
@@ -65,3 +67,24 @@ def test_the_report_is_rebuilt_from_the_committed_results(committed):
     d = stats.paired_difference(np.stack(committed["explained+sharp"]), np.stack(committed["explained"]))
     assert sharp[7] == stats.verdict(d, "explained+sharp", "explained") and d.detected
     assert "(the default)" in rows["explained"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "older", "other test set"])
+def test_a_committed_result_that_cannot_be_trusted_is_refused_naming_it(committed, tmp_path, damage, monkeypatch):
+    """A half-written file is not a done run, a result that lacks the per-image columns is not one
+    to read in part, and a run scored on other test images cannot be paired with the rest."""
+    path = study.result_path("explained+sharp", 1)
+    result = json.loads(path.read_text())
+    if damage == "truncated":
+        path.write_text(path.read_text()[:100])
+    elif damage == "older":
+        path.write_text(json.dumps({k: v for k, v in result.items() if k != "test"}))
+    else:
+        path.write_text(json.dumps({**result, "split_id": "test-set-2"}))
+    with pytest.raises(SystemExit) as e:
+        study.direction_report(GRID)
+    assert str(e.value).startswith(f"error: {path}: ")
+    if damage != "other test set":
+        monkeypatch.setattr(study.compare, "train_or_reuse", lambda *a: pytest.fail("trained over a damaged result"))
+        with pytest.raises(SystemExit, match=re.escape(str(path))):
+            study.run_grid(GRID[:2], 3, None, tmp_path / "log")
