@@ -117,8 +117,16 @@ def stages(model, processor, tokenizer, records, batch_size=64):
 
 
 def probe(x, y, seed=0):
-    """(held-out accuracy, chance, n_train, n_test) of a logistic regression from x to y."""
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.3, random_state=seed, stratify=y)
+    """(held-out accuracy, chance, n_train, n_test) of a logistic regression from x to y; None
+    when y has one class (nothing to tell apart). The split keeps the classes' shares, unless a
+    class is too rare for both parts (a grid row one image falls in, on a fine patch grid)."""
+    values, counts = np.unique(y, return_counts=True)
+    if len(values) < 2:
+        return None
+    stratify = y if counts.min() >= 2 else None
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.3, random_state=seed, stratify=stratify)
+    if len(np.unique(y_train)) < 2:
+        return None
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
     model.fit(x_train, y_train)
     values, counts = np.unique(y_test, return_counts=True)
@@ -136,7 +144,10 @@ def run_probes(found, truth):
     for stage, x in found.items():
         for label, key in stage_targets(stage).items():
             y = np.array([t[key] for t in truth])
-            accuracy, chance, n_train, n_test = probe(x, y)
+            result = probe(x, y)
+            if result is None:
+                continue
+            accuracy, chance, n_train, n_test = result
             table.append(
                 {
                     "stage": stage,

@@ -22,6 +22,22 @@ def test_a_probe_reads_an_encoded_target_and_not_noise():
     assert noise < chance + 0.12
 
 
+def test_a_class_with_one_image_is_probed_without_stratifying_and_one_class_not_at_all():
+    """On a 7 x 7 patch grid with 50 pairs one grid row may hold a single image: the split cannot
+    keep every class's share then, and a target with one class has nothing to tell apart."""
+    rng = np.random.default_rng(1)
+    y = np.array([0] * 25 + [1] * 24 + [2])
+    x = rng.normal(size=(50, 4)) + y[:, None]
+    accuracy, chance, n_train, n_test = probe.probe(x, y)
+    assert (n_train, n_test) == (35, 15) and 0 <= accuracy <= 1
+    assert probe.probe(x, np.zeros(50)) is None
+    table = probe.run_probes(
+        {"adapter (patch of A)": x},
+        [{k: 0 for k in ("axis", "direction", "side")} | {"row A": int(v), "column A": int(v)} for v in y],
+    )
+    assert {row["target"] for row in table} == {"row", "column"}, "the one-class targets are left out"
+
+
 def test_targets_of_a_pair():
     scene = {
         "objects": [
