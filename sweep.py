@@ -366,6 +366,10 @@ def work_left(study, args, deadline):
     return False
 
 
+class TrialError(Exception):
+    """A trial's training refused its options or data (one line); Optuna marks the trial failed."""
+
+
 def make_objective(args, space, passthrough):
     def objective(trial):
         values = {name: suggest(trial, name, spec) for name, spec in space.items()}
@@ -407,7 +411,11 @@ def make_objective(args, space, passthrough):
             loss = None
         except SystemExit as e:
             # a stop request (checkpointed: left running, the trial is retried from there) or an
-            # error every trial would meet end the sweep; a run that diverged is a bad trial
+            # error end the sweep; a run that diverged is a bad trial. A trial that errs is failed,
+            # not left running: retried with the same values it would only err again
+            if e.code and str(e.code).startswith("error:"):
+                trial.set_user_attr("error", str(e.code))
+                raise TrialError(f"{e.code} (trial {trial.number} failed)") from None
             if "non-finite" not in str(e.code):
                 raise
             loss = math.nan
@@ -527,6 +535,8 @@ def main(argv=None):
                 gc_after_trial=True,
                 show_progress_bar=sys.stderr.isatty(),  # a bar on a terminal, none in a log
             )
+        except TrialError as e:
+            raise SystemExit(str(e)) from None
         except SystemExit as e:
             if not e.code:  # Ctrl-C or SIGTERM: the trial checkpointed and is left running
                 log(f"worker {WORKER}: stopped; its trial is retried, from its checkpoint, {args.grace_period}s on")

@@ -259,3 +259,16 @@ def sweep_refusals(duocap_cache, tmp_path_factory):
 @pytest.mark.parametrize("case", REFUSALS)
 def test_bad_input_is_refused_in_one_line(sweep_refusals, case):
     assert_refused(*sweep_refusals[case])
+
+
+def test_a_trial_whose_options_training_refuses_is_failed_and_the_sweep_says_why(tiny_args, tmp_path):
+    """7 heads do not split the tiny models' width: that trial is failed (a retry with the same
+    values could only fail again), not left running, and the sweep stops with the reason."""
+    study = optuna.create_study(storage=sqlite(tmp_path), study_name="duocap-explained", direction="minimize")
+    study.enqueue_trial({"heads": 7})
+    argv = ["--variant", "explained", "--n-trials", 2, "--out", tmp_path, "--param", "heads=cat:2,7"]
+    with pytest.raises(SystemExit) as e:
+        sweep_here([*argv, "--", *tiny_args, *TINY, "--max-steps", 1])
+    assert str(e.value).startswith("error: --heads 7: ") and str(e.value).endswith("(trial 0 failed)")
+    (trial,) = trials_of(sqlite(tmp_path))
+    assert trial.state == TrialState.FAIL and trial.user_attrs["error"].startswith("error: --heads 7")
