@@ -21,7 +21,8 @@ Every per-image figure is True, False or None (None: the figure does not apply t
                         its mirror (0, 0.5 or 1). The mirror differs from the image in the direction
                         alone, so a captioner that does not read the direction states the same
                         relation for both and scores exactly 0.5, whatever its naming order or
-                        template; one that reads it scores 1. DIRECTION_CHANCE and _CEILING.
+                        template; one that reads it scores 1 (exactly, when decoded greedily or
+                        by beam search; on average, when sampled). DIRECTION_CHANCE and _CEILING.
 
 category is "single", "pair_two_colours" or "pair_one_colour".
 """

@@ -320,7 +320,7 @@ def test_evaluate_run_writes_figures_that_its_predictions_reproduce(trained_mode
         assert_scores_equal(nested, evaluate.caption_metrics(predictions), METRICS)
         assert nested["SPICE"] is None
         attr = sum(
-            shapes.parse_objects(p["caption"]) == shapes.scene_truth(r.meta)[0] for p, r in zip(predictions, records)
+            shapes.parse_objects(p["caption"]) == shapes.scene_objects(r.meta) for p, r in zip(predictions, records)
         ) / len(records)
         assert nested["attribute_accuracy"] == pytest.approx(attr)
         assert nested["exact_match"] == pytest.approx(
@@ -347,7 +347,7 @@ def test_the_blind_control_captions_each_image_from_the_next_images_pixels(train
     assert {k: figures[f"blind_{k}"] for k in expected} == pytest.approx(expected)
     assert figures["blind_skills"] == skills.skill_figures(rotated, [r.meta for r in records])
 
-    truth = [shapes.scene_truth(r.meta)[0] for r in records]
+    truth = [shapes.scene_objects(r.meta) for r in records]
     named_right = sum(shapes.parse_objects(c) == t for c, t in zip(captions, truth))
     named_right_blind = sum(shapes.parse_objects(c) == t for c, t in zip(rotated, truth))
     assert figures["attribute_accuracy"] == pytest.approx(named_right / len(records))

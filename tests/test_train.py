@@ -91,7 +91,7 @@ def test_training_writes_a_complete_run_directory(trained_runs, splits, duocap_c
         pairs = [(c, r.meta) for c, r in zip(captions, records) if r.meta["relation"] is not None]
         assert nested["n_images"] == len(records) and pairs
         assert nested["attribute_accuracy"] == pytest.approx(
-            sum(shapes.parse_objects(c) == shapes.scene_truth(r.meta)[0] for c, r in zip(captions, records))
+            sum(shapes.parse_objects(c) == shapes.scene_objects(r.meta) for c, r in zip(captions, records))
             / len(records)
         )
         assert nested["relation_accuracy"] == pytest.approx(
