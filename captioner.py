@@ -38,6 +38,11 @@ class Captioner(nn.Module):
     def __init__(self, vision, lm, train_layers=2, switches=sw.DEFAULT):
         super().__init__()
         self.vision, self.lm, self.switches = vision, lm, switches
+        layers = vision.config.num_hidden_layers
+        if not -layers <= switches.vision_layer <= -1:
+            raise ValueError(
+                f"--vision-layer {switches.vision_layer}: the vision tower has {layers} layers (-1 to -{layers})"
+            )
         H = lm.config.hidden_size
         Dv = vision.config.hidden_size
         # Qwen's token embeddings are small (std ~0.02): whatever is added to them or fed

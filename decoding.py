@@ -199,6 +199,20 @@ def unit_interval(text):
     return value
 
 
+def fraction(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], not {value}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number of 0 or more, not {value}")
+    return value
+
+
 def positive_float(text):
     value = float(text)
     if not (value > 0 and math.isfinite(value)):

@@ -179,34 +179,40 @@ def build_cache(model, processor, records, device, path, rank, world, workers):
     n = len(records)
     shape = (n, model.n_patches(), model.vision.config.hidden_size)
     tmp = shared_temporary_name(path)
-    if rank == 0:
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape).flush()
-    barrier()
-    first, last = rank * n // world, (rank + 1) * n // world
-    out = np.load(tmp, mmap_mode="r+")
-    bad = []
-    encode = lambda pixels: model.image_features(pixels.to(device))
-    paths = [r.image for r in records[first:last]]
-    for indices, features, problems in feature_batches(encode, processor, paths, workers=workers):
-        if features is not None:
-            assert features.shape[1:] == shape[1:], f"features of shape {tuple(features.shape)}, expected {shape}"
-            out[[first + i for i in indices]] = features.numpy()
-        bad += [(first + i, problem) for i, problem in problems]
-    out.flush()
-    del out
-    if world > 1:
-        print(f"feature cache: rank {rank} of {world} encoded images {first}..{last - 1} of {n}")
-    Path(f"{tmp}.rank{rank}.json").write_text(json.dumps(bad))
-    barrier()
-    if rank == 0:
-        failed = sorted(f for r in range(world) for f in json.loads(Path(f"{tmp}.rank{r}.json").read_text()))
-        for r in range(world):
-            Path(f"{tmp}.rank{r}.json").unlink()
-        os.replace(tmp, path)
-        meta = path.with_suffix(".json")
-        Path(f"{meta}.tmp").write_text(json.dumps({"images": n, "failed": failed}))
-        os.replace(f"{meta}.tmp", meta)  # last: its presence says the cache is complete
-    barrier()
+    try:
+        if rank == 0:
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape).flush()
+        barrier()
+        first, last = rank * n // world, (rank + 1) * n // world
+        out = np.load(tmp, mmap_mode="r+")
+        bad = []
+        encode = lambda pixels: model.image_features(pixels.to(device))
+        paths = [r.image for r in records[first:last]]
+        for indices, features, problems in feature_batches(encode, processor, paths, workers=workers):
+            if features is not None:
+                assert features.shape[1:] == shape[1:], f"features of shape {tuple(features.shape)}, expected {shape}"
+                out[[first + i for i in indices]] = features.numpy()
+            bad += [(first + i, problem) for i, problem in problems]
+        out.flush()
+        del out
+        if world > 1:
+            print(f"feature cache: rank {rank} of {world} encoded images {first}..{last - 1} of {n}")
+        Path(f"{tmp}.rank{rank}.json").write_text(json.dumps(bad))
+        barrier()
+        if rank == 0:
+            failed = sorted(f for r in range(world) for f in json.loads(Path(f"{tmp}.rank{r}.json").read_text()))
+            for r in range(world):
+                Path(f"{tmp}.rank{r}.json").unlink()
+            os.replace(tmp, path)
+            meta = path.with_suffix(".json")
+            Path(f"{meta}.tmp").write_text(json.dumps({"images": n, "failed": failed}))
+            os.replace(f"{meta}.tmp", meta)  # last: its presence says the cache is complete
+        barrier()
+    except BaseException:  # an error or Ctrl-C: no half-written cache (gigabytes for COCO) is left behind
+        if rank == 0:
+            for leftover in [Path(tmp), *Path(tmp).parent.glob(f"{Path(tmp).name}.rank*.json")]:
+                leftover.unlink(missing_ok=True)
+        raise
 
 
 def cached_features(model, processor, vision_name, records, device, strict=True, rank=0, world=1, workers=0):

@@ -38,7 +38,7 @@ import demo
 import features
 import runs
 import switches
-from decoding import positive_float, positive_int
+from decoding import fraction, non_negative_float, positive_float, positive_int
 from evaluate import evaluate_run, quick_score
 
 # -----------------------------------------------------------------------------
@@ -97,8 +97,10 @@ def parse_args(variant, argv=None):
     p.add_argument("--batch-size", type=positive_int, help="per rank and per accumulation step")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=positive_float)
-    p.add_argument("--warmup", type=float, help="fraction of the steps spent warming up (overrides the preset)")
-    p.add_argument("--weight-decay", type=float, help="AdamW weight decay on the matrices (overrides the preset)")
+    p.add_argument("--warmup", type=fraction, help="fraction of the steps spent warming up (overrides the preset)")
+    p.add_argument(
+        "--weight-decay", type=non_negative_float, help="AdamW weight decay on the matrices (overrides the preset)"
+    )
     p.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
     p.add_argument(
         "--max-flops",
@@ -514,6 +516,11 @@ class Training:
             config["flops_per_step"] = self.flops_per_step()
             steps = max(int(config["max_flops"] // config["flops_per_step"]), 1)
             config["max_steps"] = min(config["max_steps"] or steps, steps)
+        if config.get("max_flops") and config["max_steps"] > self.total_steps and rank == 0:
+            print(
+                f"--max-flops {config['max_flops']:.3g} buys {config['max_steps']} steps, but {config['epochs']} "
+                f"epochs are {self.total_steps}: the budget is not all spent (raise --epochs to spend it)"
+            )
         if config["max_steps"]:
             self.total_steps = min(self.total_steps, config["max_steps"])
         self.params = [p for p in model.parameters() if p.requires_grad]

@@ -282,3 +282,24 @@ def test_feature_cache_is_read_memory_mapped_and_pickles_as_a_path(make_model, s
     assert len(sent) < 2000 < store.array().nbytes
     copy = pickle.loads(sent)
     assert torch.equal(copy[[0, 3, 5]], store.tensor()[[0, 3, 5]])
+
+
+def test_a_cache_build_that_fails_leaves_no_partial_file(make_model, splits, tmp_path, monkeypatch):
+    """Ctrl-C or an error half-way through (a COCO cache is gigabytes): nothing is left behind,
+    and the next run builds the cache whole."""
+    monkeypatch.setenv("DUOCAP_CACHE", str(tmp_path / "cache"))
+    model, processor, _, config = make_model("explained")
+    records = splits["train"][:6]
+    real = feature_cache.feature_batches
+
+    def interrupted(*args, **kwargs):
+        yield next(real(*args, **kwargs))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(feature_cache, "feature_batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        feature_cache.cached_features(model, processor, config["vision"], records, "cpu")
+    assert list((tmp_path / "cache" / "features").iterdir()) == []
+    monkeypatch.setattr(feature_cache, "feature_batches", real)
+    kept, store = feature_cache.cached_features(model, processor, config["vision"], records, "cpu")
+    assert len(kept) == 6 and store.array().shape[0] == 6

@@ -797,3 +797,24 @@ def test_cross_attention_heads_that_do_not_split_the_width_are_refused_in_one_li
     with pytest.raises(SystemExit) as e:
         train.main("explained", [*tiny_args, "--heads", "7", "--out", str(tmp_path / "run")])
     assert str(e.value).startswith("error: --heads 7: the hidden size") and "\n" not in str(e.value)
+
+
+def test_a_flops_budget_beyond_the_epochs_says_it_is_not_all_spent(tiny_args, tmp_path, capsys):
+    train.main("explained", [*tiny_args, "--epochs", "1", "--max-flops", "1e15", "--no-eval", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "--max-flops 1e+15 buys" in out and "the budget is not all spent (raise --epochs to spend it)" in out
+
+
+@pytest.mark.parametrize(
+    "option, value, problem",
+    [
+        ("--vision-layer", "-50", "the vision tower has"),
+        ("--warmup", "3", "must be in [0, 1]"),
+        ("--weight-decay", "-2", "0 or more"),
+    ],
+)
+def test_an_option_out_of_its_range_is_refused_in_one_line(tiny_args, tmp_path, capsys, option, value, problem):
+    with pytest.raises(SystemExit) as e:
+        train.main("explained", [*tiny_args, option, value, "--out", str(tmp_path / "run")])
+    message = str(e.value) if e.value.code != 2 else capsys.readouterr().err.splitlines()[-1]
+    assert option in message and problem in message, message
