@@ -159,6 +159,9 @@ def parse_args(variant, argv=None):
         p.set_defaults(**values)
         args = p.parse_args(argv)
         args.config_values = values
+    for action in p._actions:  # which options the command line names (argparse keeps no record)
+        action.default = argparse.SUPPRESS
+    args.given = set(vars(p.parse_args(argv)))
     return args
 
 
@@ -294,9 +297,40 @@ def main_rank_first(is_main):
 # setting up a run: its config and folder, the data, the model
 
 
+# what a resumed run takes from this command line: how this session runs and logs, and where this
+# machine keeps the data and computes; every other option is the run's own, fixed when it started
+SESSION_OPTIONS = {"resume", "keep", "log_every", "max_bad_steps", "no_eval", "no_feature_cache", "save_every"}
+SESSION_OPTIONS |= {"score_every", "score_images", "score_loss", "wandb", "workers", "dist_timeout"}
+MACHINE_OPTIONS = {"device", "precision", "data_dir"}
+
+
+def changed_options(variant, args, config, run_dir):
+    """The run options this command line names with another value than the resumed run's."""
+    new = run_config(variant, args)
+    data_option = {"skip_bad": "strict", "caption_column": "caption_columns"}
+    data_option |= {k: k for k in ("image_root", "restval", "image_column", "download")}
+    key = {"heads": "cross_attention_heads"}
+
+    def value(cfg, dest):
+        if dest == "config":  # the values the file set, wherever it lies now
+            return (cfg.get("config_file") or {}).get("values")
+        if dest in data_option:
+            return cfg.get("data_options", {}).get(data_option[dest])
+        return cfg.get(key.get(dest, dest))
+
+    changed = []
+    for dest in sorted(args.given - SESSION_OPTIONS - MACHINE_OPTIONS):
+        if dest == "out":
+            same = Path(args.out).resolve() == Path(run_dir).resolve()
+        else:
+            same = value(new, dest) == value(config, dest)
+        changed += [] if same else [dest]
+    return changed
+
+
 def start_or_resume(variant, args, is_main):
     """(run directory, config): a new run from the preset and options, or the config of the run
-    being resumed."""
+    being resumed, with this machine's device, precision and data folder when given."""
     if args.resume:
         run_dir = Path(args.resume)
         config = runs.read_config(run_dir)
@@ -304,6 +338,18 @@ def start_or_resume(variant, args, is_main):
             raise runs.RunError(
                 f"{run_dir} holds a {config['variant']} run, not a {variant} one; resume it with its own script"
             )
+        changed = changed_options(variant, args, config, run_dir)
+        if changed:
+            names = ", ".join("--" + n.replace("_", "-") for n in changed)
+            raise ValueError(f"{names}: not what {run_dir} was started with; a resumed run keeps its own options")
+        if {"device", "precision"} & args.given:
+            device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+            precision = (
+                args.precision if args.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
+            )
+            config.update(device=device, precision=precision)
+        if "data_dir" in args.given:
+            config["data_dir"] = str(Path(args.data_dir).resolve())
         return run_dir, config
     with main_rank_first(is_main):  # the demo data and backbones are built once
         config = demo.resolve(run_config(variant, args))

@@ -818,3 +818,21 @@ def test_an_option_out_of_its_range_is_refused_in_one_line(tiny_args, tmp_path, 
         train.main("explained", [*tiny_args, option, value, "--out", str(tmp_path / "run")])
     message = str(e.value) if e.value.code != 2 else capsys.readouterr().err.splitlines()[-1]
     assert option in message and problem in message, message
+
+
+def test_resuming_refuses_other_run_options_and_takes_this_machines_device(tiny_args, tmp_path, capsys):
+    """A resumed run keeps its own options: one given with another value is refused, not ignored.
+    The device is this machine's: a run started on a GPU resumes on a CPU."""
+    run = tmp_path / "run"
+    with pytest.raises(train.EarlyStop):
+        train.main("explained", [*tiny_args, "--max-steps", "4", "--out", str(run)], on_score=lambda row: True)
+    with pytest.raises(SystemExit) as e:
+        train.main("explained", ["--resume", str(run), "--lr", "5", "--epochs", "3"])
+    assert (
+        str(e.value) == f"error: --epochs, --lr: not what {run} was started with; a resumed run keeps its own options"
+    )
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "device": "cuda", "precision": "bf16"}))
+    train.main("explained", ["--resume", str(run), *tiny_args, "--max-steps", "4", "--device", "cpu", "--no-eval"])
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    assert json.loads((run / "config.json").read_text())["device"] == "cpu"
