@@ -38,10 +38,11 @@ class Captioner(nn.Module):
     def __init__(self, vision, lm, train_layers=2, switches=sw.DEFAULT):
         super().__init__()
         self.vision, self.lm, self.switches = vision, lm, switches
-        layers = vision.config.num_hidden_layers
-        if not -layers <= switches.vision_layer <= -1:
+        layers = vision.config.num_hidden_layers  # its hidden states: the embeddings, then each layer's
+        if not -(layers + 1) <= switches.vision_layer <= -1:
             raise ValueError(
-                f"--vision-layer {switches.vision_layer}: the vision tower has {layers} layers (-1 to -{layers})"
+                f"--vision-layer {switches.vision_layer}: the vision tower has {layers} layers "
+                f"(-1 to -{layers + 1}, the embeddings last)"
             )
         H = lm.config.hidden_size
         Dv = vision.config.hidden_size

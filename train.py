@@ -351,9 +351,13 @@ def start_or_resume(variant, args, is_main):
         if "data_dir" in args.given:
             config["data_dir"] = str(Path(args.data_dir).resolve())
         return run_dir, config
+    run_dir = Path(args.out or f"runs/{variant}-{args.preset}")
+    if (run_dir / "summary.json").is_file() or checkpoints.checkpoint_dirs(run_dir):
+        # a new run here would be mixed with that one's checkpoints, or overwrite what it finished
+        raise runs.RunError(f"{run_dir} holds a run already: --resume {run_dir} to go on with it, or another --out")
     with main_rank_first(is_main):  # the demo data and backbones are built once
         config = demo.resolve(run_config(variant, args))
-    return Path(args.out or f"runs/{variant}-{args.preset}"), config
+    return run_dir, config
 
 
 def load_data(config, model, processor, use_feature_cache, rank, world, workers):

@@ -836,3 +836,15 @@ def test_resuming_refuses_other_run_options_and_takes_this_machines_device(tiny_
     train.main("explained", ["--resume", str(run), *tiny_args, "--max-steps", "4", "--device", "cpu", "--no-eval"])
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
     assert json.loads((run / "config.json").read_text())["device"] == "cpu"
+
+
+def test_a_new_run_into_a_folder_that_holds_one_is_refused(tiny_args, tmp_path):
+    """Its checkpoints would be mixed with the new run's (pruned by step), or what it finished
+    overwritten: --resume it, or train elsewhere."""
+    run = tmp_path / "run"
+    with pytest.raises(train.EarlyStop):
+        train.main("explained", [*tiny_args, "--max-steps", "4", "--out", str(run)], on_score=lambda row: True)
+    assert checkpoints.checkpoint_dirs(run)
+    with pytest.raises(SystemExit) as e:
+        train.main("explained", [*tiny_args, "--max-steps", "2", "--out", str(run)])
+    assert str(e.value) == f"error: {run} holds a run already: --resume {run} to go on with it, or another --out"
