@@ -400,7 +400,7 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, params, confi
     caption token of the global batch, so k micro-batches of b on n ranks update the
     weights as one batch of k*n*b would. Returns (loss, gradient norm before clipping, ok):
     a non-finite gradient leaves the weights untouched (ok False); with fp16 the
-    GradScaler already skips overflowed steps by itself."""
+    GradScaler skips such a step itself, and lowers its scale."""
     micro_batches = [{k: v.to(config["device"], non_blocking=True) for k, v in b.items()} for b in micro_batches]
     n_tokens = sum((b["targets"] != -100).sum() for b in micro_batches).float()
     loss_total = torch.zeros((), device=n_tokens.device)
@@ -419,8 +419,8 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, params, confi
         loss_total += loss_sum.detach()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.get("grad_clip", 1.0) or math.inf)  # 0: off
-    ok = scaler.is_enabled() or bool(torch.isfinite(grad_norm))  # the same on every rank after all-reduce
-    if ok:
+    ok = bool(torch.isfinite(grad_norm))  # the same on every rank after all-reduce
+    if ok or scaler.is_enabled():
         scaler.step(optimizer)
         scaler.update()
     scheduler.step()  # the schedule follows the data, skipped batch or not
@@ -693,13 +693,14 @@ class Training:
             cpu_s=time.process_time() - self.cpu_start,
         )
         p["flops"] += self.flops_by_shape[shape]
-        self.bad_in_a_row = 0 if ok else self.bad_in_a_row + 1
+        # fp16 gradients that overflow at a finite loss are the GradScaler finding its scale, not
+        # a diverging run: counted as skipped, but not towards --max-bad-steps
+        overflow = not ok and self.scaler.is_enabled() and bool(torch.isfinite(self.loss))
+        self.bad_in_a_row = 0 if ok or overflow else self.bad_in_a_row + 1
         if not ok:
             p["skipped_steps"] += 1
-            print(
-                f"step {p['step']}: non-finite loss or gradient, step skipped "
-                f"({self.bad_in_a_row} in a row, {p['skipped_steps']} in all)"
-            )
+            what = "fp16 gradients overflowed (the scale is lowered)" if overflow else "non-finite loss or gradient"
+            print(f"step {p['step']}: {what}, step skipped ({self.bad_in_a_row} in a row, {p['skipped_steps']} in all)")
             log.write({"step": p["step"], "skipped_step": True, "loss": self.loss.item()})
             if self.bad_in_a_row >= self.args.max_bad_steps:
                 self.save_state()
