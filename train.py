@@ -14,6 +14,7 @@ Under torchrun the same loop runs data-parallel (DistributedDataParallel).
 import argparse
 import contextlib
 import datetime
+import hashlib
 import itertools
 import json
 import math
@@ -429,6 +430,13 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, params, confi
     return loss_total / n_tokens, grad_norm, ok
 
 
+def train_set_id(records):
+    """A short hash of the training records' names and caption counts: cheap (no image is read),
+    and it changes when an image or caption is added, removed or left out by --skip-bad."""
+    text = "\n".join(f"{r.image.name}\t{len(r.captions)}" for r in records)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def report_long_captions(tokenizer, records, max_tokens):
     captions = [c for r in records for c in r.captions]
     lengths = [len(ids) for ids in tokenizer(captions, add_special_tokens=False)["input_ids"]]
@@ -590,6 +598,7 @@ class Training:
             "flops": 0,
             "skipped_steps": 0,
             "global_batch": self.global_batch,
+            "train_set": train_set_id(splits["train"]),
         }
         self.trainer = (
             model
@@ -619,11 +628,17 @@ class Training:
 
     def resume(self):
         last = checkpoints.latest(self.run_dir)
+        train_set = self.progress["train_set"]
         self.progress = checkpoints.load(last, self.model, self.optimizer, self.scheduler, self.scaler)
         if self.progress.get("global_batch", self.global_batch) != self.global_batch:
             raise ValueError(
                 f"{last} was saved with a global batch of {self.progress['global_batch']}, this run "
                 f"has {self.global_batch}; resume with the same number of ranks and --grad-accum"
+            )
+        if self.progress.get("train_set", train_set) != train_set:  # checkpoints before it was kept pass
+            raise ValueError(
+                f"{last} was saved training on other images or captions than {self.config['data_dir']} gives now "
+                f"({self.n_rows} captions); its schedule and data order would not go on where they stopped"
             )
         runs.check_backbones(self.model, self.config, self.run_dir)
         self.loss = torch.tensor(self.progress.get("train_loss", float("nan")))

@@ -848,3 +848,19 @@ def test_a_new_run_into_a_folder_that_holds_one_is_refused(tiny_args, tmp_path):
     with pytest.raises(SystemExit) as e:
         train.main("explained", [*tiny_args, "--max-steps", "2", "--out", str(run)])
     assert str(e.value) == f"error: {run} holds a run already: --resume {run} to go on with it, or another --out"
+
+
+def test_resuming_on_a_training_set_that_changed_is_refused(tiny_args, shapes_dir, tmp_path):
+    """A caption added since the checkpoint: the steps per epoch and the data order would differ,
+    and the resumed run would not be the one that stopped."""
+    data_dir = shutil.copytree(shapes_dir, tmp_path / "shapes")
+    args = [*tiny_args, "--data", "folder", "--data-dir", str(data_dir)]
+    run = tmp_path / "run"
+    with pytest.raises(train.EarlyStop):
+        train.main("explained", [*args, "--max-steps", "4", "--out", str(run)], on_score=lambda row: True)
+    first = json.loads((data_dir / "captions.jsonl").read_text().splitlines()[0])
+    with open(data_dir / "captions.jsonl", "a") as f:
+        f.write(json.dumps({**first, "caption": "one more caption of the first image"}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        train.main("explained", ["--resume", str(run)])
+    assert "saved training on other images or captions" in str(e.value) and "\n" not in str(e.value)
