@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
@@ -74,9 +75,13 @@ def save(run_dir, model, optimizer, scheduler, scaler, progress, keep=2):
 def load(path, model, optimizer, scheduler, scaler):
     """Restore a checkpoint written by save; returns its progress dict."""
     path = Path(path)
-    model.load_trainable(path / "model.safetensors")
-    state = json.loads((path / "state.json").read_text())
-    tensors = load_file(str(path / "optimizer.safetensors"))
+    hint = f"delete {path} to resume from the checkpoint before it"
+    try:
+        model.load_trainable(path / "model.safetensors")
+        state = json.loads((path / "state.json").read_text())
+        tensors = load_file(str(path / "optimizer.safetensors"))
+    except (OSError, ValueError, SafetensorError) as e:  # a file cut short by a crash, or missing
+        raise ValueError(f"{path}: a damaged checkpoint ({' '.join(str(e).split())}); {hint}") from None
     params = dict(model.named_parameters())
     groups = state["param_groups"]
     if len(groups) != len(optimizer.param_groups):

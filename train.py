@@ -466,16 +466,27 @@ def validation_loss(model, loader, config):
     return total / max(tokens, 1)
 
 
+def logged_rows(path):
+    """The lines of a metrics.jsonl; a last line cut short by a crash is left out, any other
+    line that is not JSON is an error naming it."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    for n, line in enumerate(lines, 1):
+        try:
+            json.loads(line)
+        except ValueError:
+            if n == len(lines):
+                print(f"{path}:{n}: cut short (a crash while writing it), left out")
+                return lines[:-1]
+            raise ValueError(f"{path}:{n}: not a JSON line") from None
+    return lines
+
+
 class MetricsLog:
     """metrics.jsonl, one JSON object a line; mirrored to Weights & Biases on request."""
 
     def __init__(self, path, config, use_wandb, resume_step=None, enabled=True):
         if enabled and resume_step is not None and Path(path).is_file():  # steps after the checkpoint run again
-            rows = [
-                line
-                for line in Path(path).read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= resume_step
-            ]
+            rows = [line for line in logged_rows(path) if json.loads(line)["step"] <= resume_step]
             Path(path).write_text("".join(row + "\n" for row in rows))
         self.file = open(path, "a" if resume_step is not None else "w") if enabled else None
         self.wandb = None

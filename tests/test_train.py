@@ -864,3 +864,23 @@ def test_resuming_on_a_training_set_that_changed_is_refused(tiny_args, shapes_di
     with pytest.raises(SystemExit) as e:
         train.main("explained", ["--resume", str(run)])
     assert "saved training on other images or captions" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_damaged_checkpoint_is_named_and_a_cut_short_metrics_line_is_left_out(tiny_args, tmp_path, capsys):
+    run = tmp_path / "run"
+    with pytest.raises(train.EarlyStop):
+        train.main("explained", [*tiny_args, "--max-steps", "4", "--out", str(run)], on_score=lambda row: True)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "train_lo')  # a crash while writing
+    (last,) = checkpoints.checkpoint_dirs(run)[-1:]
+    optimizer = last / "optimizer.safetensors"
+    kept = optimizer.read_bytes()
+    optimizer.write_bytes(kept[:100])
+    with pytest.raises(SystemExit) as e:
+        train.main("explained", ["--resume", str(run)])
+    message = str(e.value)
+    assert message.startswith(f"error: {last}: a damaged checkpoint") and "\n" not in message
+    assert message.endswith(f"delete {last} to resume from the checkpoint before it")
+    optimizer.write_bytes(kept)
+    train.main("explained", ["--resume", str(run), "--no-eval"])
+    assert "metrics.jsonl:" in capsys.readouterr().out and (run / "summary.json").is_file()
