@@ -407,6 +407,22 @@ MUTATIONS = [
         "    return name",
         ("tests/test_data.py", "-k", "dot_slash"),
     ),
+    Mutation(
+        "resume-ignores-options",
+        "options given beside --resume are silently ignored again",
+        "train.py",
+        "        changed = changed_options(variant, args, config, run_dir)\n",
+        "        changed = []\n",
+        ("tests/test_train.py", "-k", "resuming_refuses"),
+    ),
+    Mutation(
+        "new-run-over-an-old-one",
+        "a new run goes into a folder holding another run's checkpoints, and is mixed with them",
+        "train.py",
+        '    if (run_dir / "summary.json").is_file() or checkpoints.checkpoint_dirs(run_dir):',
+        "    if False:",
+        ("tests/test_train.py", "-k", "holds_one"),
+    ),
 ]
 
 
