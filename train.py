@@ -353,8 +353,10 @@ def start_or_resume(variant, args, is_main):
             config["data_dir"] = str(Path(args.data_dir).resolve())
         return run_dir, config
     run_dir = Path(args.out or f"runs/{variant}-{args.preset}")
-    if (run_dir / "summary.json").is_file() or checkpoints.checkpoint_dirs(run_dir):
-        # a new run here would be mixed with that one's checkpoints, or overwrite what it finished
+    # a new run here would overwrite what that one finished, or be mixed with its checkpoints
+    if (run_dir / "summary.json").is_file():
+        raise runs.RunError(f"{run_dir} holds a finished run: train into another --out, or remove it first")
+    if checkpoints.checkpoint_dirs(run_dir):
         raise runs.RunError(f"{run_dir} holds a run already: --resume {run_dir} to go on with it, or another --out")
     with main_rank_first(is_main):  # the demo data and backbones are built once
         config = demo.resolve(run_config(variant, args))

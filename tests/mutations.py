@@ -419,7 +419,7 @@ MUTATIONS = [
         "new-run-over-an-old-one",
         "a new run goes into a folder holding another run's checkpoints, and is mixed with them",
         "train.py",
-        '    if (run_dir / "summary.json").is_file() or checkpoints.checkpoint_dirs(run_dir):',
+        "    if checkpoints.checkpoint_dirs(run_dir):",
         "    if False:",
         ("tests/test_train.py", "-k", "holds_one"),
     ),

@@ -848,6 +848,10 @@ def test_a_new_run_into_a_folder_that_holds_one_is_refused(tiny_args, tmp_path):
     with pytest.raises(SystemExit) as e:
         train.main("explained", [*tiny_args, "--max-steps", "2", "--out", str(run)])
     assert str(e.value) == f"error: {run} holds a run already: --resume {run} to go on with it, or another --out"
+    train.main("explained", ["--resume", str(run), "--no-eval"])  # finished now
+    with pytest.raises(SystemExit) as e:
+        train.main("explained", [*tiny_args, "--max-steps", "2", "--out", str(run)])
+    assert str(e.value) == f"error: {run} holds a finished run: train into another --out, or remove it first"
 
 
 def test_resuming_on_a_training_set_that_changed_is_refused(tiny_args, shapes_dir, tmp_path):
