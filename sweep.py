@@ -188,24 +188,11 @@ def search_space(args, passthrough):
     space = dict(parse_param(args.variant, f"{k}={v}", names) for k, v in SPACE.items())
     space |= dict(parse_param(args.variant, text, names) for text in args.param)
     given = training_options(args.variant, passthrough)  # a bad training option is refused now, not in a trial
-    clash = [n for n in (*RESERVED[:3], "epochs") if getattr(given, n) != getattr(plain, n)]
-    clash += [n for n, spec in space.items() if overrides(args.variant, passthrough, n, spec)]
+    # named on the command line, an option beats every trial's --config value, at its default value too
+    clash = [n for n in (*RESERVED[:3], "epochs", *space) if n in given.given]
     if clash:
         raise SystemExit(f"error: {', '.join(clash)}: set by the sweep, not a training option to pass through")
     return space
-
-
-def overrides(variant, passthrough, name, spec):
-    """Whether the passed-through options set a searched one, which would then beat every trial's
-    value (the command line wins over --config), at its default value too."""
-    values = spec[1] if spec[0] == "cat" else spec[1:3]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "values.json"
-        for value in values:
-            path.write_text(json.dumps({name: value}))
-            if getattr(training_options(variant, ["--config", str(path), *passthrough]), name) != value:
-                return True
-    return False
 
 
 def suggest(trial, name, spec):
